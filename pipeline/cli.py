@@ -1,0 +1,133 @@
+"""`rlhf`: parse the command line and call a stage's `run(cfg, store)` or a pipeline tool. Nothing else.
+
+rlhf sft     --config FILE [--key value ...]     stage 1: supervised fine-tuning
+rlhf reward  --config FILE [--key value ...]     stage 2: reward model on ranked comparisons
+rlhf reward score --artifact REF (--prompt P --completion C ... | --file F)
+rlhf ppo     --config FILE [--key value ...]     stage 3: PPO against the reward model
+rlhf artifacts ls [--store ROOT] [--stage S]     published artifacts
+rlhf artifacts show REF [--store ROOT]           one artifact: lineage, metrics, config
+rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from pipeline.config import ConfigError, load_config
+
+# Each stage module exposes `Config` (a dataclass with a `store` field) and `run(cfg, store) -> Artifact`.
+STAGE_MODULES = {
+    "sft": "stages.sft.train",
+    "reward": "stages.reward.train",
+    "ppo": "stages.ppo.train",
+}
+DEFAULT_STORE = os.environ.get("RLHF_STORE", "artifacts")
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run as given."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "reward" and rest[:1] == ["score"]:
+            return importlib.import_module("stages.reward.score").main(rest[1:])
+        if command in STAGE_MODULES:
+            return run_stage(command, rest)
+        if command == "artifacts":
+            return artifacts_command(rest)
+        if command == "data":
+            return data_command(rest)
+        raise UsageError(f"unknown command {command!r}; run `rlhf --help` for the list")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the user gets one line naming the problem, not a traceback
+        if not is_user_error(err) or os.environ.get("RLHF_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def is_user_error(err: Exception) -> bool:
+    """Errors our own code raises with a message meant for the user (bad config, data, reference)."""
+    from pipeline.datasets import DataError
+    from pipeline.models import ModelError
+    from pipeline.store import StoreError
+
+    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError))
+
+
+def run_stage(name: str, argv: list[str]) -> int:
+    from pipeline.store import ArtifactStore
+
+    parser = argparse.ArgumentParser(prog=f"rlhf {name}", description=f"Run the {name} stage.")
+    parser.add_argument("--config", help="YAML config file; any --key value after it overrides a key")
+    args, overrides = parser.parse_known_args(argv)
+    module = importlib.import_module(STAGE_MODULES[name])
+    cfg = load_config(module.Config, args.config, overrides)
+    artifact = module.run(cfg, ArtifactStore(cfg.store))
+    if artifact is not None:
+        print(f"published {artifact.id}")
+    return 0
+
+
+def artifacts_command(argv: list[str]) -> int:
+    from pipeline.artifacts_view import render_list, render_show
+    from pipeline.store import ArtifactStore
+
+    parser = argparse.ArgumentParser(prog="rlhf artifacts")
+    sub = parser.add_subparsers(dest="action", required=True)
+    ls = sub.add_parser("ls", help="list published artifacts, oldest first")
+    ls.add_argument("--store", default=DEFAULT_STORE)
+    ls.add_argument("--stage")
+    show = sub.add_parser("show", help="one artifact: lineage, metrics, config")
+    show.add_argument("ref", help="artifact id, <stage>:latest, or a path")
+    show.add_argument("--store", default=DEFAULT_STORE)
+    args = parser.parse_args(argv)
+    store = ArtifactStore(args.store)
+    if args.action == "ls":
+        print(render_list(store.list(args.stage)))
+    else:
+        print(render_show(store, store.resolve(args.ref)))
+    return 0
+
+
+def data_command(argv: list[str]) -> int:
+    from pipeline.datasets import inspect_file
+
+    parser = argparse.ArgumentParser(prog="rlhf data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    inspect = sub.add_parser("inspect", help="counts, K distribution, token lengths and the first problems")
+    inspect.add_argument("file", help="a JSONL/JSON/gzip/Parquet file, or a Hub dataset name")
+    inspect.add_argument("--kind", choices=["conversation", "comparison", "prompt"])
+    inspect.add_argument(
+        "--format", default="auto", help="auto, canonical, hh-rlhf, trl, sharegpt, alpaca, oasst"
+    )
+    inspect.add_argument(
+        "--tokenizer", help="model source whose tokenizer measures lengths (default: none, characters)"
+    )
+    inspect.add_argument("--store", default=DEFAULT_STORE, help="artifact store used to resolve --tokenizer")
+    args = parser.parse_args(argv)
+    tokenizer = None
+    if args.tokenizer:
+        from pipeline.models import load_tokenizer, resolve_model
+        from pipeline.store import ArtifactStore
+
+        tokenizer = load_tokenizer(resolve_model(args.tokenizer, ArtifactStore(args.store)).path)
+    report = inspect_file(args.file, args.kind, format=args.format, tokenizer=tokenizer)
+    print(report.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

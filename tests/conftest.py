@@ -1,0 +1,152 @@
+"""Shared fixtures: a tiny tokenizer trained locally and tiny random Llama models built from configs.
+
+Nothing here touches the network. The tokenizer is a byte-level BPE trained on the project's own demo
+data (plus a few fixed sentences), with ChatML markers, so chat templates and masks behave like a
+real chat model's at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "demo"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+FIXED_TEXT = [
+    "Hello! How can I help you today?",
+    "Sure, here is a short answer. Could you tell me a bit more about what you need?",
+    "I can't help with that, but I can suggest a safer alternative.",
+    "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repository (CI lays it there); RLHF_SHARED_DATA overrides."""
+    return Path(os.environ.get("RLHF_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def demo_texts() -> list[str]:
+    texts = list(FIXED_TEXT)
+    for path in sorted(DEMO_DATA.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            for message in record.get("messages", []) + record.get("prompt", []):
+                texts.append(message["content"])
+            texts.extend(record.get("completions", []))
+    return texts
+
+
+def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.chat import DEFAULT_CHAT_TEMPLATE
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(demo_texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A save_pretrained folder with a random 2-layer Llama (hidden 32) and the tiny tokenizer."""
+    return build_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from pipeline.store import ArtifactStore
+
+    return ArtifactStore(tmp_path / "store")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(
+    cli_args: list[str], *, processes: int = 2, timeout: int = 600, cwd: Path | None = None
+):
+    """Run `rlhf <cli_args>` under `accelerate launch` with `processes` CPU processes (gloo backend).
+
+    Accelerate's multi-process launcher is the `--multi_gpu` one; ACCELERATE_USE_CPU=1 makes it start
+    CPU processes, which is how the same code path as many GPUs is tested on a CPU-only machine.
+    """
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "pipeline.cli", *cli_args,
+    ]  # fmt: skip
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
