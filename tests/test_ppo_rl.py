@@ -1,0 +1,155 @@
+"""The PPO maths against numbers worked out by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stages.ppo import rl
+
+
+def close(actual, expected, atol=1e-6):
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected), atol=atol, rtol=0
+    )
+
+
+def test_gae_three_tokens_gamma_one_lambda_095():
+    # Row 0: r = [0, 0, 1], V = [0.5, 0.4, 0.2], all valid.
+    #   t=2: delta = 1 + 0 - 0.2 = 0.8                      A2 = 0.8
+    #   t=1: delta = 0 + 0.2 - 0.4 = -0.2                   A1 = -0.2 + 0.95 * 0.8 = 0.56
+    #   t=0: delta = 0 + 0.4 - 0.5 = -0.1                   A0 = -0.1 + 0.95 * 0.56 = 0.432
+    # Row 1: two valid tokens, garbage on the padding must not leak in.
+    #   t=1: delta = 2 + 0 - 0.5 = 1.5                      A1 = 1.5
+    #   t=0: delta = 0 + 0.5 - 1 = -0.5                     A0 = -0.5 + 0.95 * 1.5 = 0.925
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.4, 0.2], [1.0, 0.5, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = rl.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    close(advantages, [[0.432, 0.56, 0.8], [0.925, 1.5, 0.0]])
+    close(returns, [[0.932, 0.96, 1.0], [1.925, 2.0, 0.0]])
+
+
+def test_gae_with_lambda_one_gives_monte_carlo_returns():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.3, -0.7, 2.0]])
+    mask = torch.ones(1, 3)
+    advantages, returns = rl.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(returns, [[6.0, 5.0, 3.0]])
+    close(advantages, [[5.7, 5.7, 1.0]])
+
+
+def test_masked_mean_var_and_whiten_ignore_padding():
+    # Valid values 1, 2, 3: mean 2, unbiased variance (1 + 0 + 1) / 2 = 1, so whitening gives -1, 0, 1.
+    values = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    close(rl.masked_mean(values, mask), 2.0)
+    close(rl.masked_mean(values, mask, dim=1), [1.5, 3.0])
+    close(rl.masked_var(values, mask), 1.0)
+    close(rl.masked_var(values, mask, unbiased=False), 2.0 / 3.0)
+    close(rl.masked_whiten(values, mask), [[-1.0, 0.0], [1.0, 0.0]], atol=1e-5)
+    # Without the shift the mean (2) is kept: -1 + 2, 0 + 2, 1 + 2.
+    close(rl.masked_whiten(values, mask, shift_mean=False), [[1.0, 2.0], [3.0, 0.0]], atol=1e-5)
+
+
+def test_kl_estimators_k1_and_k3():
+    logprobs = torch.tensor([-1.0, -2.0])
+    ref_logprobs = torch.tensor([-1.5, -1.0])
+    # k1 = logp - logq
+    close(rl.kl_k1(logprobs, ref_logprobs), [0.5, -1.0])
+    # k3 = (r - 1) - log r with log r = logq - logp = [-0.5, 1.0]
+    close(rl.kl_k3(logprobs, ref_logprobs), [math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1])
+    close(rl.kl_estimate(logprobs, ref_logprobs, "k3"), [0.1065307, 0.7182818])
+
+
+def test_k1_and_k3_are_unbiased_for_the_true_kl():
+    # Sampling from p = [0.75, 0.25] against q = [0.5, 0.5]: both average to KL(p || q) = 0.130812.
+    p, q = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    weights = p  # exact expectation instead of sampling
+    k1 = (weights * rl.kl_k1(p.log(), q.log())).sum()
+    k3 = (weights * rl.kl_k3(p.log(), q.log())).sum()
+    close(k1, 0.130812)
+    close(k3, 0.130812)
+
+
+def test_shaped_rewards_put_the_score_on_the_last_valid_token():
+    # beta = 0.1: row 0 -> [-0.01, -0.02, -0.03 + 2]; row 1 (two tokens) -> [-0.05, +0.05 - 1, 0].
+    scores = torch.tensor([2.0, -1.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    close(rl.shaped_rewards(scores, kl, mask, beta=0.1), [[-0.01, -0.02, 1.97], [-0.05, -0.95, 0.0]])
+    close(rl.last_token_index(mask), [2.0, 1.0])
+
+
+def test_standardize_scores_clips_in_standard_units():
+    # (3 - 1) / 2 = 1; (-10 - 1) / 2 = -5.5 -> clipped to -3.
+    close(rl.standardize_scores(torch.tensor([3.0, -10.0]), mean=1.0, std=2.0, clip=3.0), [1.0, -3.0])
+    close(rl.standardize_scores(torch.tensor([-10.0]), mean=1.0, std=2.0, clip=None), [-5.5])
+
+
+def test_clipped_policy_loss_inside_and_outside_the_clip_range():
+    # eps = 0.2, old log-probs 0 so the ratio is exp(logprobs).
+    #   ratio 1.5, A = +1: max(-1.5, -1.2) = -1.2  (clipped: no more credit past 1.2)
+    #   ratio 0.5, A = +1: max(-0.5, -0.8) = -0.5  (unclipped: the pessimistic term)
+    #   ratio 1.1, A = -2: max(2.2, 2.2)   = 2.2   (inside the range)
+    #   ratio 0.5, A = -1: max(0.5, 0.8)   = 0.8   (clipped)
+    # mean = (-1.2 - 0.5 + 2.2 + 0.8) / 4 = 0.325; clip fraction 2 / 4.
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 0.5, 7.0]])
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    out = rl.clipped_policy_loss(ratios.log(), torch.zeros_like(ratios), advantages, mask, clip=0.2)
+    close(out.loss, 0.325)
+    close(out.clip_fraction, 0.5)
+    expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1, 0.5)) / 4
+    close(out.approx_kl, expected_kl)
+
+
+def test_clipped_policy_loss_gradient_vanishes_when_clipped():
+    logprobs = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)
+    out = rl.clipped_policy_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip=0.2)
+    out.loss.backward()
+    # d/dlogp of -ratio / 2 is -ratio / 2 inside the range, 0 where the clip holds.
+    close(logprobs.grad, [[0.0, -0.55]])
+
+
+def test_clipped_value_loss_inside_and_outside_the_clip_range():
+    # eps = 0.2.
+    #   V = 0.5, old 0, R = 1: clipped V = 0.2; max(0.25, 0.64) = 0.64  (clip binds)
+    #   V = 0.1, old 0, R = 0: inside; 0.01
+    #   V = 1.5, old 1, R = 1: clipped V = 1.2; max(0.25, 0.04) = 0.25
+    # loss = 0.5 * (0.64 + 0.01 + 0.25) / 3 = 0.15; clip fraction 1 / 3.
+    values = torch.tensor([[0.5, 0.1, 1.5, 3.0]])
+    old_values = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    returns = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, clip_fraction = rl.clipped_value_loss(values, old_values, returns, mask, clip=0.2)
+    close(loss, 0.15)
+    close(clip_fraction, 1.0 / 3.0)
+
+
+def test_logprobs_entropy_and_exact_kl_from_logits():
+    # logits [ln 3, 0] -> p = [0.75, 0.25]
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
+    close(rl.logprobs_from_logits(logits, torch.tensor([[0, 1]])), [[math.log(0.75), math.log(0.5)]])
+    # H(0.75, 0.25) = -(0.75 ln 0.75 + 0.25 ln 0.25); H(uniform over 2) = ln 2
+    close(rl.entropy_from_logits(logits), [[0.5623351, math.log(2.0)]])
+    # KL([0.75, 0.25] || [0.5, 0.5]) = 0.75 ln 1.5 + 0.25 ln 0.5
+    uniform = torch.zeros(1, 2, 2)
+    close(rl.kl_from_logits(logits, uniform), [[0.130812, 0.0]])
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    # kl 9 vs target 6: error 0.5 clipped to 0.2; beta *= 1 + 0.2 * 100 / 10000 = 1.002
+    assert math.isclose(rl.adaptive_kl_update(0.1, kl=9.0, target=6.0, horizon=10000, n_steps=100), 0.1002)
+    # kl 5.4 vs target 6: error -0.1; beta *= 1 - 0.1 * 100 / 10000 = 0.999
+    assert math.isclose(rl.adaptive_kl_update(0.1, kl=5.4, target=6.0, horizon=10000, n_steps=100), 0.0999)
+    adaptive = rl.KLController(beta=0.1, target=6.0, horizon=10000)
+    adaptive.update(9.0, n_steps=100)
+    assert math.isclose(adaptive.beta, 0.1002)
+    fixed = rl.KLController(beta=0.1)
+    fixed.update(9.0, n_steps=100)
+    assert fixed.beta == 0.1
+    restored = rl.KLController(beta=0.5, target=6.0)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.beta == adaptive.beta
