@@ -1,0 +1,238 @@
+"""Stage 1: supervised fine-tuning on dialogue demonstrations, with TRL's SFTTrainer underneath.
+
+The conversations are tokenized here (pipeline.chat), so the loss covers assistant tokens only, and
+exactly the way later stages tokenize prompts and replies. Batches are padding-free by default: the
+collator concatenates a batch into one row with restarting position ids, so pad tokens cost nothing.
+The result is published as an `sft` artifact: adapter (or full weights), tokenizer with its chat
+template, `rlhf_model.json`, and the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from pipeline.chat import tokenize_conversation
+from pipeline.config import to_dict
+from pipeline.datasets import load_records
+from pipeline.models import (
+    EMBEDDED_MODEL,
+    LoraSettings,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    match_vocab,
+    resolve_model,
+    training_dtype,
+    write_card,
+)
+from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Config:
+    """Stage 1 settings; any key can be set in the YAML file or as `--key value`."""
+
+    store: str = "artifacts"
+    """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
+    model: str = EMBEDDED_MODEL
+    """Model source: the embedded default, a .gguf file, an artifact reference, a folder or a Hub id."""
+    data: str = "data/demo/sft.jsonl"
+    """Conversations to train on (any format pipeline.datasets converts to conversations)."""
+    data_format: str = "auto"
+    """Format of `data`: auto, canonical, sharegpt, alpaca, oasst, ..."""
+    eval_data: str | None = None
+    """Held-out conversations; when unset, `eval_fraction` of `data` is held out."""
+    eval_fraction: float = 0.05
+    """Share of `data` held out for the evaluation loss when `eval_data` is unset."""
+    skip_invalid: bool = False
+    """Drop invalid records (and report how many) instead of stopping at the first one."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings; `lora.enabled: false` fine-tunes every weight."""
+    max_length: int = 512
+    """Conversations are cut to this many tokens (on the right)."""
+    padding_free: bool = True
+    """Concatenate each batch into one row (no pad tokens); false pads every row to the longest."""
+    batch_size: int = 8
+    """Conversations per device per optimizer step (before gradient accumulation)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full fine-tuning)."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 runs `epochs`."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent warming the learning rate up."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name: cosine, linear, constant, ..."""
+    eval_steps: int = 0
+    """Evaluate every this many steps; 0 evaluates only at the end."""
+    logging_steps: int = 10
+    """Log loss and learning rate every this many steps."""
+    report_to: str = "tensorboard"
+    """Where metrics go: tensorboard, wandb, none, ... (any transformers `report_to`)."""
+    output_dir: str = "runs"
+    """Run folder for logs (TensorBoard events under <output_dir>/sft-<time>)."""
+    seed: int = 0
+    """Seed for data order, the held-out split and initialisation."""
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    """Extra trl.SFTConfig / transformers.TrainingArguments keys, passed through as they are."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be at least 1")
+
+
+def tokenize_dataset(
+    records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[Dataset, int]:
+    """Token ids and assistant-only labels per conversation; drops those left with no assistant token."""
+    rows, dropped = [], 0
+    for record in records:
+        tokens = tokenize_conversation(tokenizer, record["messages"], max_length)
+        if not any(tokens.assistant_mask):
+            dropped += 1
+            continue
+        labels = [
+            t if m else IGNORE_INDEX for t, m in zip(tokens.input_ids, tokens.assistant_mask, strict=True)
+        ]
+        rows.append({"input_ids": tokens.input_ids, "labels": labels})
+    return Dataset.from_list(rows), dropped
+
+
+def split_holdout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A deterministic held-out split; at least one record on each side when there are two or more."""
+    if fraction == 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(records) * fraction)), len(records) - 1)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dtype) -> SFTConfig:
+    return SFTConfig(
+        bf16=dtype == torch.bfloat16,
+        output_dir=str(run_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="no",
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=None,  # conversations are already cut to cfg.max_length by tokenize_dataset
+        padding_free=cfg.padding_free,
+        gradient_checkpointing=False,
+        dataloader_drop_last=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        **cfg.trainer_args,
+    )
+
+
+def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
+    """Fine-tune `cfg.model` on `cfg.data` and publish an `sft` artifact (main process only)."""
+    set_seed(cfg.seed)
+    source = resolve_model(cfg.model, store)
+    tokenizer = load_tokenizer(source.path)
+    dtype = training_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_causal_lm(source, store, dtype=dtype)
+    match_vocab(model, tokenizer)
+    model = apply_lora(model, cfg.lora)
+
+    loaded = load_records(cfg.data, "conversation", format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_data:
+        train_records = loaded.records
+        eval_records = load_records(cfg.eval_data, "conversation", skip_invalid=cfg.skip_invalid).records
+    else:
+        train_records, eval_records = split_holdout(loaded.records, cfg.eval_fraction, cfg.seed)
+    train_set, dropped_train = tokenize_dataset(train_records, tokenizer, cfg.max_length)
+    eval_set, dropped_eval = tokenize_dataset(eval_records, tokenizer, cfg.max_length)
+    if len(train_set) == 0:
+        raise ValueError(
+            f"{cfg.data}: no conversation has an assistant token within max_length={cfg.max_length}"
+        )
+
+    run_dir = Path(cfg.output_dir) / f"sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_settings(cfg, run_dir, has_eval=len(eval_set) > 0, dtype=dtype),
+        train_dataset=train_set,
+        eval_dataset=eval_set if len(eval_set) else None,
+        processing_class=tokenizer,
+    )
+    eval_before = trainer.evaluate()["eval_loss"] if len(eval_set) else None
+    result = trainer.train()
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "train_conversations": len(train_set),
+        "eval_conversations": len(eval_set),
+        "invalid_records_dropped": loaded.dropped,
+        "no_assistant_tokens_dropped": dropped_train + dropped_eval,
+        "train_seconds": result.metrics.get("train_runtime"),
+    }
+    if len(eval_set):
+        metrics["eval_loss_before"] = eval_before
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    inputs = [source.lineage, dataset_fingerprint(cfg.data)]
+    if cfg.eval_data:
+        inputs.append(dataset_fingerprint(cfg.eval_data))
+    return publish(
+        trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, store, inputs, metrics, source
+    )
+
+
+def publish(model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics, source) -> Artifact:
+    """Save adapter or full weights with the tokenizer and model card, then publish them as one artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        card = {"kind": "causal_lm", "chat_template": tokenizer.chat_template}
+        if cfg.lora.enabled:
+            # The adapter's own base path may be a cache folder; the card names the source that resolves anywhere.
+            card["adapter_base"] = source.lineage.get("artifact") or source.lineage.get("model")
+        write_card(Path(tmp), card)
+        return store.publish(
+            "sft",
+            tmp,
+            config=to_dict(cfg),
+            inputs=inputs,
+            metrics=metrics,
+            meta={"adapter": cfg.lora.enabled, "base_model": card.get("adapter_base") or cfg.model},
+        )

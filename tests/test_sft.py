@@ -1,0 +1,215 @@
+"""Stage 1: assistant-only masks, padding-free batches, and SFT end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from conftest import REPO, accelerate_launch
+
+from pipeline.chat import tokenize_completion, tokenize_conversation
+from pipeline.cli import main as cli_main
+from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
+from stages.sft.train import IGNORE_INDEX, Config, run, split_holdout, tokenize_dataset
+
+DIALOGUE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+]
+
+
+def write_conversations(path, n: int = 48, seed: int = 0):
+    """Arithmetic dialogues: a pattern a tiny model learns within a few dozen steps."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(n):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            messages = [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            ]
+            if rng.random() < 0.3:
+                messages += [
+                    {"role": "user", "content": "Thanks!"},
+                    {"role": "assistant", "content": "You are welcome."},
+                ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def test_only_assistant_tokens_carry_loss(tiny_tokenizer):
+    tokens = tokenize_conversation(tiny_tokenizer, DIALOGUE)
+    trained = [t for t, m in zip(tokens.input_ids, tokens.assistant_mask, strict=True) if m]
+    assert tiny_tokenizer.decode(trained) == "Hello! How can I help?<|im_end|>Blue.<|im_end|>"
+    untrained = tiny_tokenizer.decode(
+        [t for t, m in zip(tokens.input_ids, tokens.assistant_mask, strict=True) if not m]
+    )
+    assert "Be brief." in untrained and "Name a colour." in untrained and "Blue" not in untrained
+    # The whole sequence is exactly the template's rendering: masking never changes what the model sees.
+    full = tiny_tokenizer.apply_chat_template(DIALOGUE, tokenize=False)
+    assert tiny_tokenizer.decode(tokens.input_ids) == full
+
+
+def test_labels_are_ignored_outside_assistant_turns(tiny_tokenizer):
+    dataset, dropped = tokenize_dataset([{"messages": DIALOGUE}], tiny_tokenizer, max_length=512)
+    row = dataset[0]
+    assert dropped == 0
+    kept = [label for label in row["labels"] if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(kept).count("<|im_end|>") == 2
+    assert row["labels"][0] == IGNORE_INDEX
+
+
+def test_conversation_cut_before_any_reply_is_dropped(tiny_tokenizer):
+    long_user = {"role": "user", "content": "word " * 200}
+    dataset, dropped = tokenize_dataset(
+        [{"messages": [long_user, {"role": "assistant", "content": "ok"}]}], tiny_tokenizer, max_length=16
+    )
+    assert len(dataset) == 0 and dropped == 1
+
+
+def test_prompt_and_completion_tokenize_like_the_conversation(tiny_tokenizer):
+    """The reward model's view of a reply is a prefix of what SFT trained on: no template drift."""
+    conversation = tokenize_conversation(tiny_tokenizer, DIALOGUE[:3]).input_ids
+    completion = tokenize_completion(tiny_tokenizer, DIALOGUE[:2], DIALOGUE[2]["content"])
+    assert conversation[: len(completion.input_ids)] == completion.input_ids
+    cut = tokenize_completion(tiny_tokenizer, DIALOGUE[:2], DIALOGUE[2]["content"], max_length=12)
+    assert cut.truncated and len(cut.input_ids) == 12 and cut.input_ids[-3:] == completion.input_ids[-3:]
+
+
+def test_split_holdout_is_deterministic_and_disjoint():
+    records = [{"i": i} for i in range(40)]
+    train, held = split_holdout(records, 0.1, seed=3)
+    assert len(held) == 4 and len(train) == 36
+    assert split_holdout(records, 0.1, seed=3) == (train, held)
+    assert not {r["i"] for r in train} & {r["i"] for r in held}
+
+
+def test_padding_free_row_gives_the_padded_batch_loss(tiny_model_dir, tiny_tokenizer):
+    """One concatenated row with restarting positions must not let sequences attend to each other."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.models import ResolvedModel
+
+    model = load_causal_lm(ResolvedModel(str(tiny_model_dir), {}, {}), store=None).eval()
+    dataset, _ = tokenize_dataset(
+        [{"messages": DIALOGUE}, {"messages": DIALOGUE[1:3]}, {"messages": DIALOGUE[:3]}], tiny_tokenizer, 512
+    )
+    examples = [dataset[i] for i in range(len(dataset))]
+    packed = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id, padding_free=True)(
+        examples
+    )
+    padded = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id)(examples)
+    assert packed["input_ids"].shape[0] == 1 and tiny_tokenizer.pad_token_id not in packed["input_ids"]
+    with torch.no_grad():
+        # Without a KV cache (SFTTrainer passes use_cache=False) transformers reads the restarting position
+        # ids as sequence boundaries and masks attention across them.
+        loss_packed = model(**packed, use_cache=False).loss
+        loss_padded = model(**padded).loss
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+def tiny_config(tmp_path, model_dir, **overrides) -> Config:
+    values = dict(
+        store=str(tmp_path / "store"),
+        model=str(model_dir),
+        data=str(write_conversations(tmp_path / "conversations.jsonl")),
+        lora={"enabled": False},
+        learning_rate=3e-3,
+        batch_size=8,
+        max_steps=80,
+        eval_fraction=0.15,
+        report_to="none",
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        logging_steps=50,
+        output_dir=str(tmp_path / "runs"),
+    )
+    values.update(overrides)
+    from pipeline.config import build
+
+    return build(Config, values, "test")
+
+
+def test_sft_end_to_end_full_fine_tuning(tmp_path, tiny_model_dir, store):
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    artifact = run(cfg, store)
+    assert artifact is not None and artifact.stage == "sft"
+    metrics = artifact.metrics
+    assert metrics["eval_loss"] < 0.8 * metrics["eval_loss_before"], metrics
+    assert metrics["train_conversations"] + metrics["eval_conversations"] == 48
+
+    reloaded_source = resolve_model(artifact.id, store)
+    trained = load_causal_lm(reloaded_source, store)
+    original = load_causal_lm(resolve_model(str(tiny_model_dir), store), store)
+    changed = [
+        name
+        for (name, a), (_, b) in zip(trained.named_parameters(), original.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert len(changed) > 5
+
+    tokenizer = load_tokenizer(reloaded_source.path)
+    assert tokenizer.chat_template == load_tokenizer(str(tiny_model_dir)).chat_template
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 3 plus 4?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = trained.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
+    assert "plus" in reply  # the pattern was learned well enough to show up in greedy decoding
+
+    lineage = store.lineage(artifact)
+    assert lineage["inputs"][1]["sha256"] and artifact.manifest["config"]["max_steps"] == 80
+
+
+def test_sft_lora_artifact_reloads_with_merged_adapter(tmp_path, tiny_model_dir, store):
+    cfg = tiny_config(tmp_path, tiny_model_dir, lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=6)
+    artifact = run(cfg, store)
+    files = set(artifact.manifest["files"])
+    assert "adapter_config.json" in files and "rlhf_model.json" in files and "model.safetensors" not in files
+    merged = load_causal_lm(resolve_model("sft:latest", store), store)
+    base = load_causal_lm(resolve_model(str(tiny_model_dir), store), store)
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    assert not torch.allclose(merged(ids).logits, base(ids).logits)
+
+
+def test_cli_rejects_unknown_key_with_a_hint(tmp_path, capsys):
+    code = cli_main(
+        ["sft", "--config", str(REPO / "configs" / "sft-tiny-test.yaml"), "--learning_rat", "0.1"]
+    )
+    assert code == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_two_processes_publish_once_and_match_one_process(tmp_path, tiny_model_dir):
+    """Accelerate with 2 CPU processes: one artifact, and the weights of a 1-process run on the same batches."""
+    args = dict(
+        model=str(tiny_model_dir),
+        data=str(write_conversations(tmp_path / "conversations.jsonl", n=32)),
+        max_steps=4,
+        eval_fraction=0.0,
+        output_dir=str(tmp_path / "runs"),
+    )
+    common = ["--config", str(REPO / "configs" / "sft-tiny-test.yaml")]
+    for key, value in args.items():
+        common += [f"--{key}", str(value)]
+    two = accelerate_launch(["sft", *common, "--store", str(tmp_path / "two"), "--batch_size", "4"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("published sft-") == 1
+    assert cli_main(["sft", *common, "--store", str(tmp_path / "one"), "--batch_size", "8"]) == 0
+
+    from pipeline.store import ArtifactStore
+
+    results = []
+    for name in ("two", "one"):
+        store = ArtifactStore(tmp_path / name)
+        (artifact,) = store.list("sft")
+        results.append(load_causal_lm(resolve_model(artifact.id, store), store).state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(value, results[1][key], rtol=1e-4, atol=1e-5)
