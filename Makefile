@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlhf sft --config configs/demo.yaml
+	$(BIN)/rlhf sft --config configs/sft-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest

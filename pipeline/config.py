@@ -78,8 +78,8 @@ def build(cls: type[T], values: dict[str, Any], source: str, prefix: str = "") -
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{source}: unknown key {prefix}{key!r} for {cls.__name__}{hint}")
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown key {prefix + key!r} for {cls.__name__}{hint}")
     kwargs = {}
     for key, value in values.items():
         kwargs[key] = coerce(hints[key], value, f"{prefix}{key}", source)
@@ -131,6 +131,11 @@ def coerce(annotation: Any, value: Any, key: str, source: str) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -1,0 +1,56 @@
+"""Every preset in configs/ loads into its stage's config with strict keys: a typo there fails here."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from conftest import REPO
+
+from pipeline.cli import STAGE_MODULES
+from pipeline.config import ConfigError, build, load_config, parse_overrides
+
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_preset_loads(path):
+    stage = path.name.split("-")[0]
+    assert stage in STAGE_MODULES, f"{path.name}: presets are named <stage>-<purpose>.yaml"
+    module = importlib.import_module(STAGE_MODULES[stage])
+    cfg = load_config(module.Config, path)
+    assert cfg.store
+
+
+def test_overrides_apply_types_and_nesting():
+    from stages.sft.train import Config
+
+    cfg = load_config(
+        Config, None, ["--learning_rate", "1e-3", "--lora.r=4", "--padding-free", "false", "--max_steps", "7"]
+    )
+    assert cfg.learning_rate == 1e-3 and cfg.lora.r == 4 and cfg.padding_free is False and cfg.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learnin_rate": 1.0}, "did you mean 'learning_rate'"),
+        ({"lora": {"rank": 4}}, "unknown key 'lora.rank'"),
+        ({"max_steps": "many"}, "max_steps must be int"),
+        ({"eval_fraction": 1.5}, "eval_fraction must be in [0, 1)"),
+        ({"lora": 3}, "lora must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(values, message):
+    from stages.sft.train import Config
+
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
+        build(Config, values, "test.yaml")
+
+
+def test_override_syntax_errors():
+    assert parse_overrides(["--a", "1", "--b=2", "--flag"]) == [("a", "1"), ("b", "2"), ("flag", "true")]
+    with pytest.raises(ConfigError, match="expected an override like --key value"):
+        parse_overrides(["lr", "1"])
