@@ -1,0 +1,70 @@
+"""The reward of a sequence: the score head applied to the trunk's hidden state at its last real token.
+
+The index of that token comes from the attention mask, not from searching for pad tokens (a pad id can
+legitimately occur inside a text), and position ids count real tokens only, so a sequence scores the
+same whether the batch pads it on the left or the right, and whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.chat import Message, tokenize_completion
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last attended token, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+class RewardScorer(nn.Module):
+    """Wraps a sequence classifier (optionally a peft model) so that one forward returns one score per row.
+
+    Accelerate prepares this module, so distributed wrappers see every forward call.
+    """
+
+    def __init__(self, model: PreTrainedModel | PeftModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        classifier = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = classifier.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        last = hidden[rows, last_token_index(attention_mask)]
+        # Only the last token's hidden state goes through the head; scores are fp32 for the loss.
+        return classifier.score(last).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_completions(
+    scorer: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Sequence[Message],
+    completions: Sequence[str],
+    max_length: int,
+) -> list[float]:
+    """Raw rewards of `completions` to one prompt, tokenized exactly as in training."""
+    rows = [tokenize_completion(tokenizer, prompt, c, max_length).input_ids for c in completions]
+    input_ids, attention_mask = pad_right(rows, tokenizer.pad_token_id)
+    device = next(scorer.parameters()).device
+    return scorer(input_ids.to(device), attention_mask.to(device)).tolist()
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,422 @@
+"""Stage 2: a reward model trained on K-wise ranked comparisons, InstructGPT style.
+
+One prompt with its K ranked completions is one batch element. All completions of all groups in a
+batch go through the model in one forward pass, each exactly once, and the loss is taken over every
+ranked pair of a group (losses.py). TRL's RewardTrainer only knows chosen/rejected pairs, which would
+forward each completion K-1 times, so the loop is our own, on Accelerate: the same code runs on one CPU,
+a GPU, or under `accelerate launch` on many.
+
+The model is a one-output sequence classifier on the SFT policy's trunk, with the policy's tokenizer and
+chat template. After training it scores the SFT demonstrations, and the reward artifact records their
+mean and standard deviation (and InstructGPT's bias: the shift that makes them average 0), so stage 3
+needs nothing but the artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from pipeline.chat import tokenize_completion
+from pipeline.config import to_dict
+from pipeline.datasets import DataError, load_records
+from pipeline.models import (
+    LoraSettings,
+    ModelError,
+    ResolvedModel,
+    apply_lora,
+    disable_dropout,
+    load_reward_model,
+    load_tokenizer,
+    resolve_model,
+    training_dtype,
+    write_card,
+)
+from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from stages.reward.groups import (
+    Collator,
+    DataCounts,
+    Group,
+    bucket_batches,
+    check_plain_text,
+    collate,
+    template_name,
+    tokenize_comparisons,
+)
+from stages.reward.losses import add_sums, pairwise_loss, plackett_luce_loss, ranking_metrics, ranking_sums
+from stages.reward.scorer import RewardScorer
+
+
+@dataclass
+class Config:
+    """Stage 2 settings; any key can be set in the YAML file or as `--key value`."""
+
+    store: str = "artifacts"
+    """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
+    init: str = "sft:latest"
+    """Model whose trunk the reward model starts from: an sft artifact (InstructGPT) or any model source."""
+    data: str = "data/demo/comparisons.jsonl"
+    """Ranked comparisons to train on (any format pipeline.datasets converts to comparisons)."""
+    data_format: str = "auto"
+    """Format of `data` and `eval_data`: auto, canonical, hh-rlhf, oasst, trl."""
+    eval_data: str | None = None
+    """Held-out comparisons; when unset, `eval_fraction` of the groups in `data` is held out."""
+    eval_fraction: float = 0.1
+    """Share of groups held out (chosen by `seed`) when `eval_data` is unset."""
+    skip_invalid: bool = False
+    """Drop invalid records (and count them) instead of stopping at the first one."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings (the score head is always trained); `lora.enabled: false` trains every weight."""
+    loss: Literal["pairwise", "plackett-luce"] = "pairwise"
+    """pairwise: InstructGPT's mean over ranked pairs; plackett-luce: listwise likelihood of the ranking."""
+    margin: bool = False
+    """Subtract a record's "margin" value (when it has one) from each of its pairs' score difference."""
+    lr: float = 1e-4
+    """Peak learning rate, decayed linearly to 0 (1e-4 suits LoRA; ~1e-5 for full fine-tuning)."""
+    epochs: int = 1
+    """Passes over the training groups (InstructGPT trains one: more overfits)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 runs `epochs`."""
+    groups_per_batch: int = 8
+    """Prompts (each with all its K completions) per device per optimizer step."""
+    max_length: int = 512
+    """Tokens of prompt + completion; longer prompts are cut on the left."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip."""
+    eval_every: int = 50
+    """Evaluate on the held-out groups every this many steps (0: only at the end)."""
+    normalise_on: str | None = "data/demo/sft.jsonl"
+    """Demonstrations (conversations) whose final replies set reward mean/std; unset: the best-ranked completions."""
+    seed: int = 0
+    """Seed for the held-out split, data order and the score head's initialisation."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Where training curves go."""
+    logging_dir: str = "runs"
+    """TensorBoard events go under <logging_dir>/reward-<time>."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
+        if self.groups_per_batch < 1 or self.epochs < 1:
+            raise ValueError("groups_per_batch and epochs must be at least 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be positive or -1 (run `epochs`), got {self.max_steps}")
+        if self.margin and self.loss != "pairwise":
+            raise ValueError("margin applies to the pairwise loss only; set loss: pairwise or margin: false")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
+    """Train the reward model and publish a `reward` artifact (main process); other processes return None."""
+    accelerator = Accelerator(
+        log_with="tensorboard" if cfg.report_to == "tensorboard" else None, project_dir=cfg.logging_dir
+    )
+    set_seed(cfg.seed)
+    resolved = resolve_model(cfg.init, store)
+    tokenizer = load_tokenizer(resolved.path)
+    check_chat_template(resolved, tokenizer, cfg.init)
+
+    train_groups, eval_groups, counts = load_groups(cfg, tokenizer)
+    model = build_model(cfg, resolved, tokenizer, store, training_dtype(accelerator.device))
+    scorer = RewardScorer(model)
+    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
+    batches = bucket_batches(train_groups, cfg.groups_per_batch, cfg.seed)
+    loader = DataLoader(batches, batch_size=1, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id))
+    scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(loader)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+    accelerator.init_trackers(f"reward-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+
+    evaluation: dict[str, float] = {}
+    step, started, recent = 0, time.perf_counter(), []
+    progress = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_local_main_process)
+    while step < total_steps:
+        for batch in loader:
+            scorer.train()
+            loss = batch_loss(cfg, scorer(batch["input_ids"], batch["attention_mask"]), batch)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            recent.append(accelerator.reduce(loss.detach(), "mean").item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{recent[-1]:.4f}")
+            accelerator.log({"train/loss": recent[-1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
+                accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
+            if step >= total_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
+    accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
+    accelerator.print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+
+    stats = normalisation_stats(
+        scorer, normalisation_rows(cfg, tokenizer, train_groups), accelerator, tokenizer
+    )
+    metrics: dict[str, Any] = {f"eval_{k}": v for k, v in evaluation.items()}
+    metrics |= {
+        "train_loss": sum(recent[-10:]) / len(recent[-10:]),
+        "steps": step,
+        "train_groups": len(train_groups),
+        "eval_groups": len(eval_groups),
+        "train_pairs": sum(count_pairs(g.ranks) for g in train_groups),
+        "skipped_no_pairs": counts.skipped_no_pairs,
+        "truncated_prompts": counts.truncated_prompts,
+        "truncated_completions": counts.truncated_completions,
+        "dropped_invalid": counts.dropped_invalid,
+        "train_seconds": round(train_seconds, 2),
+        **stats,
+    }
+    artifact = publish(cfg, store, accelerator, scorer, tokenizer, resolved, metrics, stats)
+    accelerator.end_training()
+    return artifact
+
+
+def batch_loss(cfg: Config, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if cfg.loss == "plackett-luce":
+        return plackett_luce_loss(scores, batch["ranks"], batch["groups"])
+    return pairwise_loss(scores, batch["ranks"], batch["groups"], batch["margins"] if cfg.margin else None)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def load_groups(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[Group], list[Group], DataCounts]:
+    """Train and held-out groups, tokenized; counts of what was skipped, truncated or dropped."""
+    counts = DataCounts()
+    sources = [(cfg.data, "train")] + ([(cfg.eval_data, "eval")] if cfg.eval_data else [])
+    tokenized: dict[str, list[Group]] = {}
+    for source, role in sources:
+        loaded = load_records(source, "comparison", format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+        check_plain_text(loaded.records, loaded.source, template_name(tokenizer))
+        groups, seen = tokenize_comparisons(tokenizer, loaded.records, cfg.max_length, use_margin=cfg.margin)
+        counts.add(seen, dropped_invalid=loaded.dropped)
+        tokenized[role] = groups
+    if cfg.eval_data:
+        train, held_out = tokenized["train"], tokenized["eval"]
+    else:
+        train, held_out = split_groups(tokenized["train"], cfg.eval_fraction, cfg.seed)
+    if not train or not held_out:
+        raise DataError(
+            cfg.data, None, "<file>", f"{len(train)} training and {len(held_out)} held-out groups with a ranked "
+            "pair: a reward model needs both; add comparisons or set eval_data"
+        )  # fmt: skip
+    return train, held_out, counts
+
+
+def split_groups(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
+    """A seeded random `fraction` of the groups held out (at least one when there are two or more)."""
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(groups))) if len(groups) > 1 else 0
+    held = set(order[:n_eval])
+    return [g for i, g in enumerate(groups) if i not in held], [g for i, g in enumerate(groups) if i in held]
+
+
+def count_pairs(ranks: list[int]) -> int:
+    return sum(a < b for a in ranks for b in ranks)
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+def check_chat_template(resolved: ResolvedModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """The reward model must render prompts exactly as the policy it will judge was trained to."""
+    if resolved.card.get("kind") != "causal_lm":
+        return  # a base model: its own template, or the default ChatML one the SFT stage would also use
+    policy_template = resolved.card.get("chat_template")
+    if not policy_template:
+        raise ModelError(
+            f"{source}: the policy's model card records no chat template, so the reward model cannot render "
+            "prompts the way the policy saw them; re-run `rlhf sft` (it saves the template) or set init to a "
+            "base model"
+        )
+    if policy_template != tokenizer.chat_template:
+        raise ModelError(
+            f"{source}: the tokenizer's chat template differs from the one the policy was trained with "
+            f"({template_name(tokenizer)} vs the model card's); the artifact's tokenizer files were changed "
+            "after training: re-run `rlhf sft` or restore its tokenizer"
+        )
+
+
+def build_model(
+    cfg: Config, resolved: ResolvedModel, tokenizer: PreTrainedTokenizerBase, store: ArtifactStore, dtype
+) -> torch.nn.Module:
+    """A one-output sequence classifier on the init trunk; wrapped in a SEQ_CLS adapter when LoRA is on."""
+    model = load_reward_model(resolved, store, dtype)
+    missing = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
+    if missing > 0:
+        if cfg.lora.enabled:
+            raise ModelError(
+                f"the tokenizer of {cfg.init} needs {missing} new token embeddings, which an adapter cannot "
+                "save; start from an sft artifact (init: sft:latest) or set lora.enabled: false"
+            )
+        model.resize_token_embeddings(len(tokenizer))
+    # (pipeline.models.match_vocab also sets a generation config, which a classifier does not have.)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)  # a score must not depend on a dropout draw
+    # SEQ_CLS makes peft train and save the freshly initialised score head along with the adapter.
+    return apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+
+
+# -- evaluation and normalisation -------------------------------------------------------------------
+
+
+def process_batches(
+    groups: list[Group], per_batch: int, seed: int, accelerator: Accelerator
+) -> tuple[list[list[Group]], int]:
+    """This process's share of the batches, and how many forwards every process must run.
+
+    Shards, FSDP in particular, need every process to run the same number of forward passes, so a process
+    with fewer batches repeats one and ignores the result.
+    """
+    batches = bucket_batches(groups, per_batch, seed)
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
+    return mine, math.ceil(len(batches) / accelerator.num_processes)
+
+
+@torch.no_grad()
+def evaluate(
+    scorer: torch.nn.Module, groups: list[Group], cfg: Config, accelerator: Accelerator, pad_id: int
+) -> dict[str, float]:
+    """Held-out pairwise accuracy (pooled and per K), mean margin, Kendall tau and loss."""
+    scorer.eval()
+    # Every process must hold the same keys to add them up: list every K of the held-out set.
+    sums = {key: 0.0 for key in ("pairs", "correct", "margin", "groups", "tau", "loss")}
+    for k in sorted({len(g.rows) for g in groups}):
+        sums[f"pairs_k{k}"] = sums[f"correct_k{k}"] = 0.0
+    mine, rounds = process_batches(groups, cfg.groups_per_batch, cfg.seed, accelerator)
+    for i in range(rounds):
+        batch = collate(mine[i] if i < len(mine) else groups[:1], pad_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        scores = scorer(batch["input_ids"], batch["attention_mask"])
+        if i >= len(mine):
+            continue  # a padding round (see process_batches)
+        add_sums(sums, ranking_sums(scores, batch["ranks"], batch["groups"]))
+        sums["loss"] += float(batch_loss(cfg, scores, batch)) * len(mine[i])
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
+    sums = dict(zip(keys, totals.tolist(), strict=True))
+    return ranking_metrics(sums) | {"loss": sums["loss"] / max(sums["groups"], 1.0)}
+
+
+def normalisation_rows(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, train_groups: list[Group]
+) -> list[Group]:
+    """Demonstrations as one-row groups: prompt = the turns before the last reply, completion = that reply."""
+    if cfg.normalise_on is None:
+        # No demonstrations: the best-ranked completion of each training prompt stands in for one.
+        return [Group([g.rows[g.ranks.index(min(g.ranks))]], [0]) for g in train_groups]
+    loaded = load_records(cfg.normalise_on, "conversation", skip_invalid=cfg.skip_invalid)
+    check_plain_text(loaded.records, loaded.source, template_name(tokenizer))
+    rows = []
+    for record in loaded.records:
+        *prompt, reply = record["messages"]  # a conversation ends with an assistant turn
+        rows.append(
+            Group([tokenize_completion(tokenizer, prompt, reply["content"], cfg.max_length).input_ids], [0])
+        )
+    return rows
+
+
+@torch.no_grad()
+def normalisation_stats(
+    scorer: torch.nn.Module, rows: list[Group], accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, float]:
+    """Mean and standard deviation of the raw reward over the demonstrations, and the bias that zeroes the mean."""
+    scorer.eval()
+    mine, rounds = process_batches(rows, 32, 0, accelerator)
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
+    for i in range(rounds):
+        batch = collate(mine[i] if i < len(mine) else rows[:1], tokenizer.pad_token_id)
+        scores = scorer(
+            batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device)
+        )
+        if i < len(mine):
+            scores = scores.double()
+            sums += torch.stack(
+                [torch.tensor(len(scores), dtype=torch.float64), scores.sum(), (scores**2).sum()]
+            )
+    count, total, squares = accelerator.reduce(sums, "sum").tolist()
+    mean = total / count
+    std = math.sqrt(max(squares / count - mean**2, 0.0))
+    return {"reward_mean": mean, "reward_std": std, "reward_bias": -mean, "normalised_on": int(count)}
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+
+def publish(
+    cfg: Config,
+    store: ArtifactStore,
+    accelerator: Accelerator,
+    scorer: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    resolved: ResolvedModel,
+    metrics: dict[str, Any],
+    stats: dict[str, float],
+) -> Artifact | None:
+    """Save adapter (or full model), tokenizer and model card; the main process publishes them."""
+    # Collective under ZeRO-3/FSDP (every process gathers its shard); a plain state dict otherwise.
+    state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
+    artifact = None
+    if accelerator.is_main_process:
+        adapter_base = resolved.lineage.get("artifact") or resolved.lineage.get("model")
+        card = {
+            "kind": "reward",
+            **({"adapter_base": adapter_base} if cfg.lora.enabled else {}),
+            "reward_mean": stats["reward_mean"],
+            "reward_std": stats["reward_std"],
+            "reward_bias": stats["reward_bias"],
+            "max_length": cfg.max_length,
+            "chat_template": tokenizer.chat_template,
+            # How stage 3 must score: the head at the last token of prompt + completion (its end of turn).
+            "score": "last token of chat-templated prompt + completion; position ids count real tokens",
+        }
+        inputs = [resolved.lineage] + [
+            {**fingerprint(path), "role": role}
+            for path, role in ((cfg.data, "train"), (cfg.eval_data, "eval"), (cfg.normalise_on, "normalise"))
+            if path
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            accelerator.unwrap_model(scorer).model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            write_card(Path(tmp), card)
+            artifact = store.publish(
+                "reward",
+                tmp,
+                config=to_dict(cfg),
+                inputs=inputs,
+                metrics=metrics,
+                meta={k: card[k] for k in ("reward_mean", "reward_std", "reward_bias", "max_length")}
+                | {"adapter": cfg.lora.enabled, "init": adapter_base, "loss": cfg.loss},
+            )
+    accelerator.wait_for_everyone()
+    return artifact
+
+
+def fingerprint(path: str) -> dict[str, str]:
+    """A content hash for a local file; a Hub dataset is recorded by name."""
+    return dataset_fingerprint(path) if Path(path).is_file() else {"dataset": path}

@@ -1,0 +1,284 @@
+"""Stage 2 end to end on a tiny random Llama: training, the artifact, reloading, scoring, errors, launch.
+
+The comparisons here carry an easily learnt preference (polite beats plain beats rude), so a model of
+hidden size 32 learns it in a few dozen steps and held-out accuracy above chance is not luck.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, accelerate_launch
+
+from pipeline.chat import tokenize_completion
+from pipeline.cli import main as cli_main
+from pipeline.models import load_reward_model, load_tokenizer, resolve_model, write_card
+from pipeline.store import ArtifactStore
+from stages.reward.groups import bucket_batches, collate, tokenize_comparisons
+from stages.reward.scorer import RewardScorer, score_completions
+
+CONFIG = REPO / "configs" / "reward-tiny-test.yaml"
+ANSWERS = [
+    ("how long do i boil an egg", "About seven minutes, then cold water."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("how do i reverse a list in python", "Use slicing: my_list[::-1] returns a new list."),
+    ("At what temperature does water boil?", "Water boils at 100 degrees Celsius at sea level."),
+    ("can you suggest a name for a cat", "How about Miso? It is short and friendly."),
+    ("whats 15% of 240", "15% of 240 is 36."),
+    ("Give me a tip for sleeping better.", "Keep the same bedtime every day, even at weekends."),
+    ("how do I say thanks in Spanish", "You say gracias."),
+]
+# Rank 0 is best: the longer the list, the worse the manners.
+STYLES = ["Happy to help! {}", "{}", "Ugh, fine. {}", "Ugh, fine. Whatever. {} Stop asking."]
+
+
+def learnable_comparisons(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        question, answer = rng.choice(ANSWERS)
+        k = rng.choice([2, 3, 4])
+        order = rng.sample(range(k), k)
+        records.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "completions": [STYLES[i].format(answer) for i in order],
+                "ranks": order,
+            }
+        )
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def publish_sft(store: ArtifactStore, model_dir: Path, card: dict | None = None) -> str:
+    """The tiny model as an `sft` artifact (the SFT stage itself is tested elsewhere)."""
+    if card is None:
+        return store.publish("sft", model_dir, config={}).id
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        write_card(Path(tmp), card)
+        return store.publish("sft", tmp, config={}).id
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One training run shared by the tests that inspect its artifact."""
+    root = tmp_path_factory.mktemp("reward")
+    store = ArtifactStore(root / "store")
+    sft_id = publish_sft(store, tiny_model_dir)
+    records = learnable_comparisons(150, seed=1)
+    records.append({**records[0], "ranks": [0] * len(records[0]["ranks"])})  # all tied: no pair
+    records.append({**records[1], "ranks": [2] * len(records[1]["ranks"])})
+    long_prompt = [{"role": "user", "content": "Please read this. " * 60 + "What is the capital of France?"}]
+    records.append({**records[2], "prompt": long_prompt})
+    data = write_jsonl(root / "comparisons.jsonl", records)
+    demos = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": STYLES[i].format(a)}]}
+        for q, a in ANSWERS
+        for i in (0, 1)
+    ]
+    demo_file = write_jsonl(root / "demos.jsonl", demos)
+    args = ["reward", "--config", str(CONFIG), "--store", str(store.root), "--init", sft_id]
+    args += ["--data", str(data), "--normalise_on", str(demo_file)]
+    args += ["--report_to", "tensorboard", "--logging_dir", str(root / "runs")]
+    assert cli_main(args) == 0
+    (artifact,) = store.list("reward")
+    return store, artifact, demos, root
+
+
+def test_held_out_accuracy_beats_chance(trained):
+    _, artifact, _, _ = trained
+    metrics = artifact.metrics
+    assert metrics["eval_accuracy"] >= 0.75, metrics  # chance is 0.5
+    assert metrics["eval_kendall_tau"] > 0.5
+    assert metrics["eval_margin"] > 0
+    assert {"eval_accuracy_k2", "eval_accuracy_k3", "eval_accuracy_k4"} <= set(metrics)
+    assert metrics["steps"] == 24 and metrics["train_loss"] < 0.6
+
+
+def test_skipped_and_truncated_records_are_counted(trained):
+    _, artifact, _, _ = trained
+    assert artifact.metrics["skipped_no_pairs"] == 2
+    assert artifact.metrics["truncated_prompts"] >= 2  # every completion of the long-prompt record
+    assert artifact.metrics["train_groups"] + artifact.metrics["eval_groups"] == 151
+
+
+def test_manifest_records_lineage_and_normalisation(trained):
+    store, artifact, _, root = trained
+    manifest = artifact.manifest
+    roles = {i.get("role") for i in manifest["inputs"]}
+    assert {"model", "train", "normalise"} <= roles
+    assert manifest["config"]["loss"] == "pairwise"
+    card = json.loads((store.local_path(artifact) / "rlhf_model.json").read_text())
+    assert card["kind"] == "reward" and card["adapter_base"].startswith("sft-")
+    assert card["reward_bias"] == pytest.approx(-card["reward_mean"])
+    assert card["reward_std"] > 0 and card["chat_template"]
+    for key in ("reward_mean", "reward_std", "reward_bias"):
+        assert manifest["meta"][key] == pytest.approx(card[key])
+    assert list((root / "runs").rglob("events.out.tfevents.*")), "TensorBoard events were not written"
+
+
+def test_reloaded_model_scores_demonstrations_to_zero_mean(trained):
+    store, artifact, demos, _ = trained
+    resolved = resolve_model(artifact.id, store)
+    scorer = RewardScorer(load_reward_model(resolved, store)).eval()
+    tokenizer = load_tokenizer(resolved.path)
+    scores = [
+        score_completions(scorer, tokenizer, d["messages"][:1], [d["messages"][1]["content"]], 128)[0]
+        for d in demos
+    ]
+    mean = sum(scores) / len(scores)
+    # The manifest's mean was measured on the trained model before saving: reloading changes nothing.
+    assert mean == pytest.approx(artifact.meta["reward_mean"], abs=1e-4)
+    assert mean + artifact.meta["reward_bias"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_scores_do_not_depend_on_padding_or_batch(trained):
+    store, artifact, _, _ = trained
+    resolved = resolve_model(artifact.id, store)
+    scorer = RewardScorer(load_reward_model(resolved, store)).eval()
+    tokenizer = load_tokenizer(resolved.path)
+    prompt = [{"role": "user", "content": ANSWERS[0][0]}]
+    short, long = STYLES[1].format(ANSWERS[0][1]), STYLES[3].format(ANSWERS[0][1])
+    together = score_completions(scorer, tokenizer, prompt, [short, long], 128)
+    alone = score_completions(scorer, tokenizer, prompt, [short], 128)
+    assert together[0] == pytest.approx(alone[0], abs=1e-5)
+    # Left padding with position ids from the mask gives the same score as right padding.
+    row = tokenize_completion(tokenizer, prompt, short, 128).input_ids
+    left = torch.tensor([[tokenizer.pad_token_id] * 5 + row])
+    mask = torch.tensor([[0] * 5 + [1] * len(row)])
+    with torch.no_grad():
+        assert scorer(left, mask).item() == pytest.approx(alone[0], abs=1e-5)
+
+
+def test_score_cli_prints_raw_and_normalised(trained, capsys):
+    store, artifact, _, root = trained
+    question, answer = ANSWERS[1]
+    args = ["reward", "score", "--artifact", artifact.id, "--store", str(store.root), "--prompt", question]
+    args += ["--completion", STYLES[0].format(answer), "--completion", STYLES[3].format(answer)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if line.startswith("  ") and "raw" not in line]
+    polite, rude = float(lines[0][0]), float(lines[1][0])
+    assert polite > rude
+    mean, std = artifact.meta["reward_mean"], artifact.meta["reward_std"]
+    assert float(lines[0][1]) == pytest.approx((polite - mean) / std, abs=2e-3)
+
+    file = write_jsonl(root / "held.jsonl", learnable_comparisons(6, seed=99))
+    assert (
+        cli_main(
+            [
+                "reward",
+                "score",
+                "--artifact",
+                "reward:latest",
+                "--store",
+                str(store.root),
+                "--file",
+                str(file),
+            ]
+        )
+        == 0
+    )
+    assert "ranked pairs ordered as in the file" in capsys.readouterr().out
+
+
+def test_each_completion_is_forwarded_once_per_step(tiny_tokenizer, tiny_model_dir):
+    records = learnable_comparisons(12, seed=3)
+    groups, _ = tokenize_comparisons(tiny_tokenizer, records, 128)
+    batches = bucket_batches(groups, 4, seed=0)
+    seen = [tuple(row) for batch in batches for group in batch for row in group.rows]
+    assert len(seen) == sum(len(r["completions"]) for r in records)  # every completion in exactly one batch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rows_forwarded = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows_forwarded.append(o.shape[0]))
+    scorer = RewardScorer(model)
+    for batch in batches:
+        packed = collate(batch, tiny_tokenizer.pad_token_id)
+        scores = scorer(packed["input_ids"], packed["attention_mask"])
+        k_total = sum(len(group.rows) for group in batch)
+        assert scores.shape == (k_total,) and packed["ranks"].shape == (k_total,)
+    # One forward per batch, of sum(K) rows: not the 2 * C(K, 2) rows of a pair expansion.
+    assert rows_forwarded == [sum(len(g.rows) for g in batch) for batch in batches]
+
+
+def test_bucketing_keeps_padding_low(tiny_tokenizer):
+    records = learnable_comparisons(64, seed=5)
+    records += [{**r, "prompt": [{"role": "user", "content": "word " * 40}]} for r in records[:32]]
+    groups, _ = tokenize_comparisons(tiny_tokenizer, records, 256)
+    batches = bucket_batches(groups, 8, seed=0)
+    real = sum(len(row) for g in groups for row in g.rows)
+    padded = sum(collate(b, 0)["input_ids"].numel() for b in batches)
+    assert real / padded > 0.8
+
+
+def test_prerendered_records_are_refused(tmp_path, store, tiny_model_dir, capsys):
+    sft_id = publish_sft(store, tiny_model_dir)
+    records = learnable_comparisons(10, seed=2)
+    records[3]["prompt"][0]["content"] = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+    data = write_jsonl(tmp_path / "rendered.jsonl", records)
+    args = [
+        "reward",
+        "--config",
+        str(CONFIG),
+        "--store",
+        str(store.root),
+        "--init",
+        sft_id,
+        "--data",
+        str(data),
+    ]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "record 4 already contains chat markup '<|start_header_id|>'" in err
+    assert "Llama 3" in err and "ChatML" in err and "converter" in err
+
+
+def test_policy_without_a_chat_template_is_refused(tmp_path, store, tiny_model_dir, capsys):
+    sft_id = publish_sft(store, tiny_model_dir, card={"kind": "causal_lm", "chat_template": None})
+    data = write_jsonl(tmp_path / "c.jsonl", learnable_comparisons(10, seed=2))
+    args = [
+        "reward",
+        "--config",
+        str(CONFIG),
+        "--store",
+        str(store.root),
+        "--init",
+        sft_id,
+        "--data",
+        str(data),
+    ]
+    assert cli_main(args) == 2
+    assert "records no chat template" in capsys.readouterr().err
+
+
+def test_two_processes_publish_one_artifact(tmp_path, tiny_model_dir):
+    store = ArtifactStore(tmp_path / "store")
+    sft_id = publish_sft(store, tiny_model_dir)
+    data = write_jsonl(tmp_path / "c.jsonl", learnable_comparisons(40, seed=4))
+    demos = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}] * 3,
+    )
+    result = accelerate_launch(
+        ["reward", "--config", str(CONFIG), "--store", str(store.root), "--init", sft_id, "--data", str(data),
+         "--normalise_on", str(demos), "--max_steps", "4", "--eval_every", "2"],
+        processes=2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (artifact,) = store.list("reward")
+    assert result.stdout.count("published ") == 1
+    assert artifact.metrics["steps"] == 4 and artifact.meta["reward_std"] >= 0
