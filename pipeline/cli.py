@@ -119,7 +119,7 @@ def data_command(argv: list[str]) -> int:
     inspect.add_argument("--store", default=DEFAULT_STORE, help="artifact store used to resolve --tokenizer")
     args = parser.parse_args(argv)
     tokenizer = None
-    if args.tokenizer:
+    if args.tokenizer != "none":
         from pipeline.models import load_tokenizer, resolve_model
         from pipeline.store import ArtifactStore
 

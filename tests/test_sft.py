@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 from conftest import REPO, accelerate_launch
 
@@ -213,3 +214,15 @@ def test_two_processes_publish_once_and_match_one_process(tmp_path, tiny_model_d
         results.append(load_causal_lm(resolve_model(artifact.id, store), store).state_dict())
     for key, value in results[0].items():
         torch.testing.assert_close(value, results[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_args_pass_through_to_trl_and_bad_keys_are_named(tmp_path, tiny_model_dir):
+    from pipeline.config import ConfigError
+    from stages.sft.train import trainer_settings
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer_args={"weight_decay": 0.1, "logging_steps": 3})
+    settings = trainer_settings(cfg, tmp_path / "run", has_eval=True, dtype=torch.float32)
+    assert settings.weight_decay == 0.1 and settings.logging_steps == 3 and settings.padding_free
+    bad = tiny_config(tmp_path, tiny_model_dir, trainer_args={"weight_decy": 0.1})
+    with pytest.raises(ConfigError, match="weight_decy"):
+        trainer_settings(bad, tmp_path / "run", has_eval=True, dtype=torch.float32)

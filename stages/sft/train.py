@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.chat import tokenize_conversation
-from pipeline.config import to_dict
+from pipeline.config import ConfigError, to_dict
 from pipeline.datasets import load_records
 from pipeline.models import (
     EMBEDDED_MODEL,
@@ -132,7 +132,8 @@ def split_holdout(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 
 def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dtype) -> SFTConfig:
-    return SFTConfig(
+    """TRL's own config from ours; `trainer_args` may override any of these keys."""
+    settings = dict(
         bf16=dtype == torch.bfloat16,
         output_dir=str(run_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -152,17 +153,26 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
         data_seed=cfg.seed,
         max_length=None,  # conversations are already cut to cfg.max_length by tokenize_dataset
         padding_free=cfg.padding_free,
-        gradient_checkpointing=False,
         dataloader_drop_last=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
-        **cfg.trainer_args,
     )
+    try:
+        return SFTConfig(**(settings | cfg.trainer_args))
+    except TypeError as err:
+        raise ConfigError(f"trainer_args: {err} (see trl.SFTConfig for the valid keys)") from None
 
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Fine-tune `cfg.model` on `cfg.data` and publish an `sft` artifact (main process only)."""
     set_seed(cfg.seed)
+    # Read and validate the data before spending time on the model: bad input fails in a second.
+    loaded = load_records(cfg.data, "conversation", format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_data:
+        train_records = loaded.records
+        eval_records = load_records(cfg.eval_data, "conversation", skip_invalid=cfg.skip_invalid).records
+    else:
+        train_records, eval_records = split_holdout(loaded.records, cfg.eval_fraction, cfg.seed)
     source = resolve_model(cfg.model, store)
     tokenizer = load_tokenizer(source.path)
     dtype = training_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -170,12 +180,6 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     match_vocab(model, tokenizer)
     model = apply_lora(model, cfg.lora)
 
-    loaded = load_records(cfg.data, "conversation", format=cfg.data_format, skip_invalid=cfg.skip_invalid)
-    if cfg.eval_data:
-        train_records = loaded.records
-        eval_records = load_records(cfg.eval_data, "conversation", skip_invalid=cfg.skip_invalid).records
-    else:
-        train_records, eval_records = split_holdout(loaded.records, cfg.eval_fraction, cfg.seed)
     train_set, dropped_train = tokenize_dataset(train_records, tokenizer, cfg.max_length)
     eval_set, dropped_eval = tokenize_dataset(eval_records, tokenizer, cfg.max_length)
     if len(train_set) == 0:
