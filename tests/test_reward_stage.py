@@ -282,3 +282,61 @@ def test_two_processes_publish_one_artifact(tmp_path, tiny_model_dir):
     (artifact,) = store.list("reward")
     assert result.stdout.count("published ") == 1
     assert artifact.metrics["steps"] == 4 and artifact.meta["reward_std"] >= 0
+
+
+def test_full_fine_tuning_with_plackett_luce_reloads_the_same(tmp_path, store, tiny_model_dir):
+    sft_id = publish_sft(store, tiny_model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", learnable_comparisons(48, seed=6))
+    held = write_jsonl(tmp_path / "held.jsonl", learnable_comparisons(12, seed=7))
+    args = [
+        "reward",
+        "--config",
+        str(CONFIG),
+        "--store",
+        str(store.root),
+        "--init",
+        sft_id,
+        "--data",
+        str(train),
+    ]
+    args += ["--eval_data", str(held), "--loss", "plackett-luce", "--lora.enabled", "false", "--lr", "3e-3"]
+    args += ["--normalise_on", "null", "--max_steps", "12", "--eval_every", "0"]
+    assert cli_main(args) == 0
+    (artifact,) = store.list("reward")
+    assert artifact.metrics["eval_groups"] == 12 and artifact.metrics["eval_accuracy"] > 0.5
+    resolved = resolve_model(artifact.id, store)
+    assert "adapter_base" not in resolved.card  # full weights: loads on its own
+    scorer = RewardScorer(load_reward_model(resolved, store)).eval()
+    tokenizer = load_tokenizer(resolved.path)
+    # Without demonstrations the best-ranked completion of each training prompt sets the normalisation.
+    best = [
+        score_completions(scorer, tokenizer, r["prompt"], [r["completions"][r["ranks"].index(0)]], 128)[0]
+        for r in learnable_comparisons(48, seed=6)
+    ]
+    assert sum(best) / len(best) == pytest.approx(artifact.meta["reward_mean"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"loss": "plackett-luce", "margin": True}, "margin applies to the pairwise loss only"),
+        ({"loss": "listwise"}, "loss must be one of pairwise, plackett-luce"),
+        ({"eval_fraction": 0.0}, "eval_fraction must be in (0, 1)"),
+        ({"max_steps": 0}, "max_steps must be positive or -1"),
+    ],
+)
+def test_bad_settings_name_the_fix(values, message):
+    from pipeline.config import ConfigError, build
+    from stages.reward.train import Config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(Config, values, "reward.yaml")
+
+
+def test_margin_is_read_per_record_only_when_asked(tiny_tokenizer):
+    records = [{**learnable_comparisons(1, seed=8)[0], "margin": 1.5}]
+    with_margin, _ = tokenize_comparisons(tiny_tokenizer, records, 128, use_margin=True)
+    without, _ = tokenize_comparisons(tiny_tokenizer, records, 128)
+    packed = collate(with_margin, tiny_tokenizer.pad_token_id)
+    assert packed["margins"].tolist() == [1.5] * len(records[0]["completions"])
+    assert without[0].margin == 0.0
