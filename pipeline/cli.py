@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.config import ConfigError, load_config
+from pipeline.store import default_store_root
 
 # Each stage module exposes `Config` (a dataclass with a `store` field) and `run(cfg, store) -> Artifact`.
 STAGE_MODULES = {
@@ -25,7 +26,7 @@ STAGE_MODULES = {
     "reward": "stages.reward.train",
     "ppo": "stages.ppo.train",
 }
-DEFAULT_STORE = os.environ.get("RLHF_STORE", "artifacts")
+DEFAULT_STORE = default_store_root()
 
 
 class UsageError(ValueError):

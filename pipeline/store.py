@@ -48,6 +48,14 @@ CACHE_ENV = "RLHF_CACHE"
 STAGING_PREFIX = ".tmp-"
 
 
+STORE_ENV = "RLHF_STORE"
+
+
+def default_store_root() -> str:
+    """The store a stage uses when its config names none: $RLHF_STORE, else ./artifacts."""
+    return os.environ.get(STORE_ENV, "artifacts")
+
+
 class StoreError(LookupError):
     """An artifact reference that cannot be resolved, or a store that cannot be written."""
 

@@ -36,7 +36,7 @@ from pipeline.models import (
     training_dtype,
     write_card,
 )
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 
 IGNORE_INDEX = -100
 
@@ -45,7 +45,7 @@ IGNORE_INDEX = -100
 class Config:
     """Stage 1 settings; any key can be set in the YAML file or as `--key value`."""
 
-    store: str = "artifacts"
+    store: str = field(default_factory=default_store_root)
     """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
     model: str = EMBEDDED_MODEL
     """Model source: the embedded default, a .gguf file, an artifact reference, a folder or a Hub id."""
