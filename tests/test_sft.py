@@ -170,8 +170,15 @@ def test_sft_end_to_end_full_fine_tuning(tmp_path, tiny_model_dir, store):
 
 
 def test_sft_lora_artifact_reloads_with_merged_adapter(tmp_path, tiny_model_dir, store):
-    cfg = tiny_config(tmp_path, tiny_model_dir, lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=6)
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        lora={"enabled": True, "r": 4, "alpha": 8},
+        max_steps=6,
+        report_to="tensorboard",
+    )
     artifact = run(cfg, store)
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*")), "TensorBoard is the default logger"
     files = set(artifact.manifest["files"])
     assert "adapter_config.json" in files and "rlhf_model.json" in files and "model.safetensors" not in files
     merged = load_causal_lm(resolve_model("sft:latest", store), store)

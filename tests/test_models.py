@@ -1,0 +1,88 @@
+"""Model sources: the embedded GGUF converted once, folders, artifacts, tokenizer preparation, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.chat import CHATML_END, DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+from pipeline.models import (
+    EMBEDDED_MODEL,
+    LoraSettings,
+    ModelError,
+    apply_lora,
+    embedded_gguf_path,
+    load_causal_lm,
+    load_tokenizer,
+    match_vocab,
+    resolve_model,
+    training_dtype,
+)
+from pipeline.store import ArtifactStore, StoreError
+
+
+def test_embedded_model_converts_once_and_matches_the_gguf_weights(tmp_path_factory):
+    store = ArtifactStore(tmp_path_factory.mktemp("embedded") / "store")
+    first = resolve_model(EMBEDDED_MODEL, store)
+    again = resolve_model(EMBEDDED_MODEL, store)
+    assert first.path == again.path and len(store.list("base")) == 1  # converted once, then reused
+    converted = load_causal_lm(first, store).eval()
+    gguf = embedded_gguf_path()
+    original = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 282]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, original(ids).logits)
+    tokenizer = load_tokenizer(first.path)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.eos_token == CHATML_END
+    assert next(converted.parameters()).dtype == torch.float32
+
+
+def test_sources_resolve_to_folders_artifacts_or_hub_ids(tmp_path, tiny_model_dir, store):
+    folder = resolve_model(str(tiny_model_dir), store)
+    assert folder.path == str(tiny_model_dir.resolve()) and folder.lineage == {"model": folder.path}
+    artifact = store.publish("sft", tiny_model_dir, config={})
+    for ref in (artifact.id, "sft:latest", str(store.local_path(artifact))):
+        resolved = resolve_model(ref, store)
+        assert resolved.lineage == {"artifact": artifact.id, "role": "model"}
+    assert resolve_model("some-org/some-model", store).path == "some-org/some-model"
+    with pytest.raises(StoreError, match="no published 'reward' artifact"):
+        resolve_model("reward:latest", store)
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "missing.gguf"), store)
+    with pytest.raises(ModelError, match="neither a model folder"):
+        resolve_model(str(tmp_path / "missing-folder"), store)
+
+
+def test_tokenizer_without_template_gets_chatml_and_a_distinct_pad(tiny_tokenizer_dir):
+    raw = PreTrainedTokenizerFast.from_pretrained(str(tiny_tokenizer_dir))
+    raw.chat_template = None
+    raw.pad_token = raw.eos_token
+    before = len(raw)
+    tokenizer = prepare_tokenizer(raw)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"
+    assert len(tokenizer) == before  # the markers were already in the vocabulary; nothing added
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=before - 3, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    match_vocab(model, tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_lora_trains_only_the_adapter_and_full_mode_trains_everything(tiny_model_dir, store):
+    model = load_causal_lm(resolve_model(str(tiny_model_dir), store), store)
+    total = sum(p.numel() for p in model.parameters())
+    lora = apply_lora(model, LoraSettings(r=4, alpha=8))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    full = load_causal_lm(resolve_model(str(tiny_model_dir), store), store)
+    assert apply_lora(full, LoraSettings(enabled=False)) is full
+    assert sum(p.numel() for p in full.parameters() if p.requires_grad) == total
+
+
+def test_cpu_trains_in_fp32():
+    assert training_dtype(torch.device("cpu")) == torch.float32
