@@ -1,0 +1,236 @@
+"""Batched rollouts: sample responses with the KV cache, then score them token by token.
+
+Sequences are laid out as [left-padded prompt | response, right-padded after its stop token]. Position
+ids come from the attention mask's cumulative sum, so a left-padded prompt sees the same positions as
+it would alone. Logits are divided by the sampling temperature everywhere (sampling, rollout log-probs,
+update log-probs), so the log-probs are those of the distribution the tokens were actually drawn from.
+
+Generation runs our own decode loop rather than `generate`: it draws from an explicit `torch.Generator`
+(saved in checkpoints, so a resumed run samples the same tokens), stops as soon as every row has ended,
+and skips `generate`'s per-step logits processors. With LoRA it runs on merged weights (`merged_lora`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+from stages.ppo.rl import logprobs_from_logits
+
+
+@dataclass
+class Sequences:
+    """A batch of prompts with sampled responses."""
+
+    query: Tensor
+    """[B, P] prompt ids, left-padded."""
+    query_mask: Tensor
+    """[B, P] 1 on prompt tokens, 0 on padding."""
+    response: Tensor
+    """[B, R] response ids, pad after the first stop token."""
+    response_mask: Tensor
+    """[B, R] float, 1 on response tokens up to and including the first stop token."""
+    ended: Tensor
+    """[B] bool: the response contains a stop token (else it ran into max_new_tokens)."""
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+
+    def select(self, index: Tensor) -> Sequences:
+        return Sequences(
+            *(t[index] for t in (self.query, self.query_mask, self.response, self.response_mask, self.ended))
+        )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token lists -> (ids [B, P], mask [B, P]), padded on the left so that generation continues from real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over real tokens; padding on the left gets 0 (it attends to nothing anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def truncate_at_stop(response: Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask everything after the first stop token: (response with pad there, mask [B, R] float, ended [B])."""
+    is_stop = torch.isin(response, torch.tensor(list(stop_ids), dtype=torch.long, device=response.device))
+    # Stops seen strictly before each position: a token is kept while none has been seen yet.
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+    keep = stops_before == 0
+    return response.masked_fill(~keep, pad_id), keep.float(), is_stop.any(-1)
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (with its LoRA layers still in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    # transformers 5.2x renamed `past_key_values` to `cache`; the old name still works there but warns.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    query: Tensor,
+    query_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    generator: torch.Generator | None,
+) -> Sequences:
+    """Sample up to `max_new_tokens` per row with the KV cache; temperature 0 means greedy."""
+    hf = hf_model(model)
+    cache_kw = cache_argument(hf)
+    cache = DynamicCache(config=hf.config)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=query.device)
+    mask = query_mask
+    positions = position_ids(mask)
+    logits = model(
+        input_ids=query,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    ).logits[:, -1]
+    next_position = positions[:, -1:] + 1
+    finished = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = pick(logits.float(), temperature, generator)
+        token = token.masked_fill(finished, pad_id)
+        tokens.append(token)
+        finished |= torch.isin(token, stops)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_kw: cache},
+        ).logits[:, -1]
+        next_position = next_position + 1
+    response, response_mask, ended = truncate_at_stop(torch.stack(tokens, dim=1), stop_ids, pad_id)
+    return Sequences(query, query_mask, response, response_mask, ended)
+
+
+def pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[None]:
+    """Run a LoRA model on merged weights W + BA (no adapter matmuls per token); a no-op without LoRA.
+
+    Unlike peft's merge_adapter()/unmerge_adapter(), the base weights come back bit for bit: the merged
+    matrix is a new tensor swapped in for the duration, never W + BA - BA, whose rounding would slowly
+    drift the frozen reference the KL penalty is measured against (and break exact resume). The price is
+    one extra copy of the adapted weight matrices while generating.
+    """
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    swapped: list[tuple[nn.Parameter, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and not module.merged:
+                    weight = module.get_base_layer().weight
+                    delta = sum(
+                        module.get_delta_weight(name)
+                        for name in module.active_adapters
+                        if name in module.lora_A
+                    )
+                    swapped.append((weight, weight.data))
+                    weight.data = weight.data + delta.to(weight.dtype)
+        with model.disable_adapter():
+            yield
+    finally:
+        for weight, original in swapped:
+            weight.data = original
+
+
+def response_logits(model: nn.Module, seq: Sequences, temperature: float) -> Tensor:
+    """Logits [B, R, V] (divided by the temperature) at the positions that predict each response token."""
+    response_length = seq.response.shape[1]
+    mask = seq.attention_mask
+    # Keep only the positions that predict response tokens: the lm_head never runs over the prompt.
+    logits = model(
+        input_ids=seq.input_ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return logits.float() / max(temperature, 1e-7)
+
+
+def response_logprobs(model: nn.Module, seq: Sequences, temperature: float) -> Tensor:
+    """log p(response token | prefix) [B, R] at the sampling temperature."""
+    return logprobs_from_logits(response_logits(model, seq, temperature), seq.response)
+
+
+class TokenValues(nn.Module):
+    """A sequence classifier's one-output score head applied at every position: [B, L] values.
+
+    The critic is a reward model (InstructGPT) or the policy's trunk with a new head; reading the head at
+    every position gives V(prefix), and at the last response token it is the reward model's score.
+    `scale` maps the head's raw output into standardised reward units ((x - mean) / std).
+    """
+
+    def __init__(self, classifier: nn.Module, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.classifier = classifier
+        self.mean, self.std = mean, std
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        model = hf_model(self.classifier)
+        hidden = model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return (model.score(hidden).squeeze(-1).float() - self.mean) / self.std
+
+
+def response_values(critic: nn.Module, seq: Sequences) -> Tensor:
+    """V at the positions that predict each response token (the state before the token): [B, R]."""
+    values = critic(seq.input_ids, seq.attention_mask)
+    return values[:, seq.query.shape[1] - 1 : -1]
+
+
+def last_token_scores(scorer: nn.Module, seq: Sequences) -> Tensor:
+    """The score head's output at each response's last kept token (its stop token when it has one): [B]."""
+    values = scorer(seq.input_ids, seq.attention_mask)
+    last = seq.query.shape[1] + (seq.response_mask.sum(-1).long() - 1).clamp(min=0)
+    return values[torch.arange(values.shape[0], device=values.device), last]

@@ -1,0 +1,78 @@
+"""Resume: a PPO job killed with SIGKILL after a checkpoint continues to exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from ppo_helpers import build_peaked_policy, publish_tiny_pair, write_config
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from stages.ppo.checkpoint import checkpoints, resolve_resume
+from stages.ppo.train import Config, run
+
+SETTINGS = dict(steps=8, checkpoint_every=2, keep_checkpoints=2, eval_prompts=None, sample_every=2)
+
+
+def cli(config: Path, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"RLHF_DEBUG": "1"}
+    command = [sys.executable, "-m", "pipeline.cli", "ppo", "--config", str(config), *extra]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors")) | {
+        f"value.{k}": v for k, v in load_file(str(folder / "value" / "adapter_model.safetensors")).items()
+    }
+
+
+def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path):
+    policy = build_peaked_policy(tiny_tokenizer, tmp_path / "policy")
+    publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
+    config = write_config(tmp_path / "ppo.yaml", store, **SETTINGS)
+    run_dir = tmp_path / "runs" / "killed"
+
+    job = cli(config, "--run_name", "killed")
+    while not checkpoints(run_dir) and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == -signal.SIGKILL, f"the job ended before it could be killed:\n{stderr[-2000:]}"
+    assert store.list("ppo") == []
+    first = checkpoints(run_dir)[-1]
+
+    resumed = cli(config, "--run_name", "killed", "--resume", "latest")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"resumed from {first}" in stdout
+
+    straight = run(load_config(Config, config, ["--run_name", "straight"]), store)
+    (interrupted,) = [a for a in store.list("ppo") if a.id != straight.id]
+    ours, theirs = weights(Path(interrupted.uri)), weights(Path(straight.uri))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert interrupted.metrics["train_score_final"] == straight.metrics["train_score_final"]
+
+
+def test_a_checkpoint_killed_mid_save_is_ignored(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-000002").mkdir(parents=True)
+    (run_dir / "checkpoint-000002" / "state.json").write_text("{}")
+    (run_dir / ".tmp-checkpoint-000004").mkdir()  # a save that never reached its rename
+    (run_dir / ".tmp-checkpoint-000004" / "state.json").write_text("{}")
+    assert resolve_resume("latest", run_dir) == run_dir / "checkpoint-000002"
+    assert resolve_resume(str(run_dir / "checkpoint-000002"), run_dir) == run_dir / "checkpoint-000002"
+    assert resolve_resume("latest", tmp_path / "fresh") is None  # nothing to resume: start from scratch
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve_resume(str(run_dir / ".tmp-checkpoint-000004" / "missing"), run_dir)

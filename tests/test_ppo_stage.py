@@ -1,0 +1,184 @@
+"""Stage 3 end to end on tiny models: rollout layout, learning a known reward, options, several processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import accelerate_launch
+from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, write_config
+
+from pipeline.chat import prompt_ids, stop_token_ids, tokenize_completion
+from pipeline.config import load_config
+from pipeline.models import LoraSettings, apply_lora, load_causal_lm, load_reward_model, resolve_model
+from stages.ppo.rollout import (
+    Sequences,
+    TokenValues,
+    last_token_scores,
+    left_pad,
+    merged_lora,
+    position_ids,
+    response_logprobs,
+    sample,
+    truncate_at_stop,
+)
+from stages.ppo.train import Config, run
+
+CPU = torch.device("cpu")
+PROMPT = [{"role": "user", "content": "why do cats purr"}]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return build_peaked_policy(tiny_tokenizer, tmp_path_factory.mktemp("peaked_policy"))
+
+
+@pytest.fixture()
+def published(store, policy_dir, tiny_tokenizer, tmp_path):
+    return publish_tiny_pair(store, policy_dir, tiny_tokenizer, tmp_path)
+
+
+# -- rollout layout --------------------------------------------------------------------------------
+
+
+def test_left_padding_positions_and_truncation_at_the_stop_token():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=CPU)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    response = torch.tensor([[4, 2, 9, 2], [4, 4, 4, 4]])
+    kept, keep, ended = truncate_at_stop(response, stop_ids=[2], pad_id=0)
+    assert kept.tolist() == [[4, 2, 0, 0], [4, 4, 4, 4]]  # the stop token stays, what follows is masked
+    assert keep.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
+    store, policy_dir, tiny_tokenizer
+):
+    model = apply_lora(load_causal_lm(resolve_model(str(policy_dir), store), store), LoraSettings(r=4)).eval()
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompts = [
+        prompt_ids(tiny_tokenizer, PROMPT),
+        prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hi"}]),
+    ]
+    query, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
+    settings = dict(
+        max_new_tokens=8,
+        temperature=0.0,
+        stop_ids=stop_token_ids(tiny_tokenizer),
+        pad_id=tiny_tokenizer.pad_token_id,
+    )
+    with merged_lora(model):
+        merged = sample(model, query, mask, generator=None, **settings)
+    plain = sample(model, query, mask, generator=None, **settings)
+    assert torch.equal(merged.response, plain.response)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    # Batched, left-padded sampling agrees with each prompt alone.
+    alone = sample(
+        model, query[1:, -len(prompts[1]) :], mask[1:, -len(prompts[1]) :], generator=None, **settings
+    )
+    assert torch.equal(alone.response[0], plain.response[1, : alone.response.shape[1]])
+    # Log-probs at sampling temperature 1 put most mass on greedy tokens, and padding does not change them.
+    logprobs = response_logprobs(model, plain, 1.0)
+    single = response_logprobs(model, alone, 1.0)
+    torch.testing.assert_close(single[0], logprobs[1, : single.shape[1]], atol=1e-5, rtol=0)
+
+
+def test_reward_scores_match_the_reward_model_on_its_training_layout(store, published, tiny_tokenizer):
+    # The RM was trained on tokenize_completion(prompt, completion): prompt ids + reply up to its end of turn.
+    rm = load_reward_model(resolve_model("reward:latest", store), store).eval()
+    examples = [("Paris is the capital of France.", PROMPT), ("Sure!", [{"role": "user", "content": "hi"}])]
+    rows = [tokenize_completion(tiny_tokenizer, prompt, text) for text, prompt in examples]
+    query, query_mask = left_pad(
+        [r.input_ids[: r.prompt_length] for r in rows], tiny_tokenizer.pad_token_id, CPU
+    )
+    width = max(len(r.input_ids) - r.prompt_length for r in rows) + 2
+    response = torch.full((2, width), tiny_tokenizer.pad_token_id)
+    for i, r in enumerate(rows):
+        reply = r.input_ids[r.prompt_length :]
+        response[i, : len(reply)] = torch.tensor(reply)
+    response, response_mask, ended = truncate_at_stop(
+        response, stop_token_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    )
+    assert ended.all()
+    ours = last_token_scores(TokenValues(rm), Sequences(query, query_mask, response, response_mask, ended))
+    with torch.no_grad():
+        theirs = [rm(input_ids=torch.tensor([r.input_ids])).logits[0, 0] for r in rows]
+    torch.testing.assert_close(ours, torch.stack(theirs), atol=1e-5, rtol=0)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def test_ppo_raises_the_reward_on_held_out_prompts_with_bounded_kl(
+    store, published, tmp_path, tiny_tokenizer
+):
+    sft_id, reward_id = published
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), [])
+    artifact = run(cfg, store)
+
+    metrics = artifact.metrics
+    assert artifact.stage == "ppo"
+    assert metrics["eval_score_final"] > metrics["eval_score_initial"] + 0.25, metrics
+    assert metrics["eval_win_rate_final"] > 0.6, metrics
+    assert 0 < metrics["eval_kl_final"] < 15, metrics
+    roles = {item["role"]: item.get("artifact") for item in artifact.manifest["inputs"]}
+    assert roles["policy"] == sft_id and roles["reward"] == reward_id
+
+    folder = Path(artifact.uri)
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(cfg.steps + 1))
+    assert all(h["approx_kl"] < 0.1 for h in history[1:])  # a healthy update size
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "response", "score"} <= samples[0].keys()
+
+    # The artifact loads as a policy (SFT + merged adapter) that prefers the liked tokens more than SFT does.
+    policy = load_causal_lm(resolve_model(artifact.id, store), store).eval()
+    sft = load_causal_lm(resolve_model(sft_id, store), store).eval()
+    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT)] * 16, tiny_tokenizer.pad_token_id, CPU)
+    shares = []
+    for model in (sft, policy):
+        seq = sample(
+            model, query, mask, max_new_tokens=12, temperature=1.0, stop_ids=stop_token_ids(tiny_tokenizer),
+            pad_id=tiny_tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        shares.append(liked_share(tiny_tokenizer, seq.response[seq.response_mask.bool()].tolist()))
+    assert shares[1] > shares[0] + 0.05, shares
+    value = load_reward_model(resolve_model(str(folder / "value"), store), store)
+    assert value.config.num_labels == 1
+
+
+def test_full_finetuning_with_ptx_adaptive_kl_and_policy_value_init(store, published, tmp_path):
+    overrides = [
+        "--steps", "2", "--lora.enabled", "false", "--value_init", "policy", "--ptx_coef", "0.5",
+        "--kl_target", "1.0", "--kl_horizon", "100", "--kl_estimator", "k3", "--missing_eos_penalty", "1.0",
+        "--eval_limit", "4", "--learning_rate", "1e-4", "--report_to", "tensorboard",
+    ]  # fmt: skip
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
+    artifact = run(cfg, store)
+    history = [json.loads(line) for line in (Path(artifact.uri) / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["ptx_loss"] > 0
+    assert history[-1]["beta"] != cfg.kl_coef  # the controller moved beta
+    assert any((Path(cfg.output_dir) / cfg.run_name / "tensorboard").iterdir())
+    assert (Path(artifact.uri) / "model.safetensors").is_file()  # full weights, no adapter
+    load_causal_lm(resolve_model(artifact.id, store), store)
+
+
+def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):
+    config = write_config(
+        tmp_path / "ppo.yaml", store, steps=2, eval_limit=6, checkpoint_every=1, keep_checkpoints=1
+    )
+    result = accelerate_launch(["ppo", "--config", str(config)], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(store.list("ppo")) == 1
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "ppo-tiny-test").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-000002"]
+    assert {p.name for p in (tmp_path / "runs" / "ppo-tiny-test" / checkpoints[0]).glob("rng-*")} == {
+        "rng-0.pt",
+        "rng-1.pt",
+    }
