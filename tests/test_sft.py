@@ -89,13 +89,16 @@ def test_split_holdout_is_deterministic_and_disjoint():
     assert not {r["i"] for r in train} & {r["i"] for r in held}
 
 
-def test_padding_free_row_gives_the_padded_batch_loss(tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa"])
+def test_padding_free_row_gives_the_padded_batch_loss_and_gradients(
+    tiny_model_dir, tiny_tokenizer, attention
+):
     """One concatenated row with restarting positions must not let sequences attend to each other."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from pipeline.models import ResolvedModel
+    from pipeline.packed_attention import PACKED_SDPA
 
-    model = load_causal_lm(ResolvedModel(str(tiny_model_dir), {}, {}), store=None).eval()
     dataset, _ = tokenize_dataset(
         [{"messages": DIALOGUE}, {"messages": DIALOGUE[1:3]}, {"messages": DIALOGUE[:3]}], tiny_tokenizer, 512
     )
@@ -105,12 +108,20 @@ def test_padding_free_row_gives_the_padded_batch_loss(tiny_model_dir, tiny_token
     )
     padded = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id)(examples)
     assert packed["input_ids"].shape[0] == 1 and tiny_tokenizer.pad_token_id not in packed["input_ids"]
-    with torch.no_grad():
-        # Without a KV cache (SFTTrainer passes use_cache=False) transformers reads the restarting position
-        # ids as sequence boundaries and masks attention across them.
-        loss_packed = model(**packed, use_cache=False).loss
-        loss_padded = model(**padded).loss
+    grads = []
+    for batch, impl in ((packed, attention), (padded, "sdpa")):
+        model = load_causal_lm(ResolvedModel(str(tiny_model_dir), {}, {}), store=None).eval()
+        model.set_attn_implementation(impl)
+        # Without a KV cache (SFTTrainer passes use_cache=False) stock sdpa reads the restarting position ids
+        # as sequence boundaries and masks attention across them; packed_sdpa uses cu_seq_lens_q instead.
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_packed, grad_packed), (loss_padded, grad_padded) = grads
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grad_packed, grad_padded, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert attention != PACKED_SDPA or "cu_seq_lens_q" in packed
 
 
 def tiny_config(tmp_path, model_dir, **overrides) -> Config:

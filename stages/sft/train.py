@@ -2,7 +2,8 @@
 
 The conversations are tokenized here (pipeline.chat), so the loss covers assistant tokens only, and
 exactly the way later stages tokenize prompts and replies. Batches are padding-free by default: the
-collator concatenates a batch into one row with restarting position ids, so pad tokens cost nothing.
+collator concatenates a batch into one row with restarting position ids, so pad tokens cost nothing,
+and pipeline.packed_attention runs attention per sequence instead of over a dense row-wide mask.
 The result is published as an `sft` artifact: adapter (or full weights), tokenizer with its chat
 template, `rlhf_model.json`, and the metrics.
 """
@@ -36,6 +37,7 @@ from pipeline.models import (
     training_dtype,
     write_card,
 )
+from pipeline.packed_attention import use_packed_attention
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 
 IGNORE_INDEX = -100
@@ -178,6 +180,8 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     dtype = training_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_causal_lm(source, store, dtype=dtype)
     match_vocab(model, tokenizer)
+    if cfg.padding_free:
+        use_packed_attention(model)
     model = apply_lora(model, cfg.lora)
 
     train_set, dropped_train = tokenize_dataset(train_records, tokenizer, cfg.max_length)
@@ -225,6 +229,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
 def publish(model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics, source) -> Artifact:
     """Save adapter or full weights with the tokenizer and model card, then publish them as one artifact."""
     with tempfile.TemporaryDirectory() as tmp:
+        model.config._attn_implementation = (
+            "sdpa"  # a checkpoint must load where our kernel is not registered
+        )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         card = {"kind": "causal_lm", "chat_template": tokenizer.chat_template}
