@@ -22,8 +22,17 @@ from stages.ppo.train import Config, run
 SETTINGS = dict(steps=8, checkpoint_every=2, keep_checkpoints=2, eval_prompts=None, sample_every=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads spin waiting on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cli(config: Path, *extra: str) -> subprocess.Popen:
-    env = os.environ | {"RLHF_DEBUG": "1"}
+    env = os.environ | {"RLHF_DEBUG": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pipeline.cli", "ppo", "--config", str(config), *extra]
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

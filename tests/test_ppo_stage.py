@@ -30,6 +30,15 @@ CPU = torch.device("cpu")
 PROMPT = [{"role": "user", "content": "why do cats purr"}]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads spin waiting on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_peaked_policy(tiny_tokenizer, tmp_path_factory.mktemp("peaked_policy"))
@@ -83,8 +92,10 @@ def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
         model, query[1:, -len(prompts[1]) :], mask[1:, -len(prompts[1]) :], generator=None, **settings
     )
     assert torch.equal(alone.response[0], plain.response[1, : alone.response.shape[1]])
-    # Log-probs at sampling temperature 1 put most mass on greedy tokens, and padding does not change them.
+    # The rollout log-probs from the sampling loop (merged weights, KV cache) are those a full forward
+    # pass through the adapter gives, up to float rounding; padding does not change them.
     logprobs = response_logprobs(model, plain, 1.0)
+    torch.testing.assert_close(merged.logprobs, logprobs * merged.response_mask, atol=1e-5, rtol=0)
     single = response_logprobs(model, alone, 1.0)
     torch.testing.assert_close(single[0], logprobs[1, : single.shape[1]], atol=1e-5, rtol=0)
 
@@ -106,7 +117,8 @@ def test_reward_scores_match_the_reward_model_on_its_training_layout(store, publ
         response, stop_token_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id
     )
     assert ended.all()
-    ours = last_token_scores(TokenValues(rm), Sequences(query, query_mask, response, response_mask, ended))
+    seq = Sequences(query, query_mask, response, response_mask, ended, torch.zeros(response.shape))
+    ours = last_token_scores(TokenValues(rm), seq)
     with torch.no_grad():
         theirs = [rm(input_ids=torch.tensor([r.input_ids])).logits[0, 0] for r in rows]
     torch.testing.assert_close(ours, torch.stack(theirs), atol=1e-5, rtol=0)

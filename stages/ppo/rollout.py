@@ -40,6 +40,8 @@ class Sequences:
     """[B, R] float, 1 on response tokens up to and including the first stop token."""
     ended: Tensor
     """[B] bool: the response contains a stop token (else it ran into max_new_tokens)."""
+    logprobs: Tensor
+    """[B, R] log-probs of the sampled tokens under the sampling distribution (logits / temperature)."""
 
     @property
     def input_ids(self) -> Tensor:
@@ -50,9 +52,8 @@ class Sequences:
         return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
 
     def select(self, index: Tensor) -> Sequences:
-        return Sequences(
-            *(t[index] for t in (self.query, self.query_mask, self.response, self.response_mask, self.ended))
-        )
+        fields = (self.query, self.query_mask, self.response, self.response_mask, self.ended, self.logprobs)
+        return Sequences(*(t[index] for t in fields))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -102,7 +103,12 @@ def sample(
     pad_id: int,
     generator: torch.Generator | None,
 ) -> Sequences:
-    """Sample up to `max_new_tokens` per row with the KV cache; temperature 0 means greedy."""
+    """Sample up to `max_new_tokens` per row with the KV cache; temperature 0 means greedy.
+
+    The log-probs of the sampled tokens come from the same logits, as the rollout log-probs PPO's ratio
+    starts from: a recomputing forward pass would cost as much as scoring the batch once more, for a
+    difference of float rounding (merged vs adapter weights, cached vs full attention).
+    """
     hf = hf_model(model)
     cache_kw = cache_argument(hf)
     cache = DynamicCache(config=hf.config)
@@ -119,9 +125,11 @@ def sample(
     ).logits[:, -1]
     next_position = positions[:, -1:] + 1
     finished = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
-    tokens = []
+    tokens, logprobs = [], []
     for step in range(max_new_tokens):
-        token = pick(logits.float(), temperature, generator)
+        scaled = logits.float() / (temperature or 1.0)
+        token = pick(scaled, temperature, generator)
+        logprobs.append(logprobs_from_logits(scaled, token))
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         finished |= torch.isin(token, stops)
@@ -137,14 +145,16 @@ def sample(
         ).logits[:, -1]
         next_position = next_position + 1
     response, response_mask, ended = truncate_at_stop(torch.stack(tokens, dim=1), stop_ids, pad_id)
-    return Sequences(query, query_mask, response, response_mask, ended)
+    return Sequences(
+        query, query_mask, response, response_mask, ended, torch.stack(logprobs, dim=1) * response_mask
+    )
 
 
-def pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+def pick(scaled_logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """A token per row from logits already divided by the temperature (greedy at temperature 0)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return scaled_logits.argmax(-1)
+    return torch.multinomial(torch.softmax(scaled_logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
 @contextmanager

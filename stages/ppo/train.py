@@ -1,33 +1,26 @@
 """Stage 3: PPO against the reward model, with a per-token KL penalty to the SFT policy (InstructGPT).
 
-Each step: take a batch of prompts (each process its shard), sample responses from the policy, score
-them (policy and reference log-probs, values, the reward model at the last token), turn that into
-KL-shaped per-token rewards and GAE advantages, then run `ppo_epochs` passes of clipped policy and
-value updates over mini-batches. The maths is in rl.py, sampling and scoring in rollout.py, resume in
-checkpoint.py; this file wires them together, logs, evaluates and publishes a `ppo` artifact.
-
-With LoRA (the default) one trunk serves three roles: the policy (adapter on), the frozen reference
-(adapter off, peft's `disable_adapter()`) and generation (adapter merged). The value model, when it
-starts from the reward model, likewise shares its trunk with the frozen reward model.
+Each step takes a batch of prompts (each process its shard), samples responses from the policy, scores
+them (reference log-probs, values, the reward model at the last token), turns that into KL-shaped
+per-token rewards and GAE advantages, then runs `ppo_epochs` passes of clipped policy and value updates
+over mini-batches. The maths is in rl.py, sampling and scoring in rollout.py, the models and how they
+share trunks in models.py, evaluation in evaluate.py, resume in checkpoint.py; this file wires them
+together, logs, and publishes a `ppo` artifact: policy, value model, metrics and samples.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
@@ -35,27 +28,14 @@ from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
 from pipeline.config import to_dict
 from pipeline.datasets import load_records
-from pipeline.models import (
-    LoraSettings,
-    ModelError,
-    apply_lora,
-    disable_dropout,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    match_vocab,
-    resolve_model,
-    training_dtype,
-    write_card,
-)
+from pipeline.models import LoraSettings, load_tokenizer, resolve_model, write_card
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
 from stages.ppo import rl
 from stages.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from stages.ppo.evaluate import EvalSettings, evaluate
+from stages.ppo.models import Loaded, Models, build_models
 from stages.ppo.rollout import (
     Sequences,
-    TokenValues,
-    hf_model,
-    last_token_scores,
     left_pad,
     merged_lora,
     position_ids,
@@ -198,101 +178,23 @@ class Config:
             raise ValueError("keep_checkpoints must be at least 1")
 
 
-# -- models ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    """The trained policy and critic (wrapped for distributed training) and their frozen partners."""
-
-    policy: nn.Module
-    critic: nn.Module
-    policy_model: nn.Module
-    """The unwrapped policy (a peft model with LoRA): generation and no-grad scoring use it."""
-    critic_model: TokenValues
-    reference: nn.Module | None
-    """A frozen SFT copy, or None: the policy with its adapter disabled."""
-    reward: TokenValues | None
-    """A frozen reward model, or None: the critic with its adapter disabled."""
-
-    @contextmanager
-    def as_reference(self) -> Iterator[nn.Module]:
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.policy_model.disable_adapter():
-                yield self.policy_model
-
-    @contextmanager
-    def as_reward(self) -> Iterator[TokenValues]:
-        if self.reward is not None:
-            yield self.reward
-        else:
-            with self.critic_model.classifier.disable_adapter():
-                yield self.critic_model
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def build_models(cfg: Config, store: ArtifactStore, device: torch.device, tokenizer: PreTrainedTokenizerBase):
-    """Policy + reference, critic + reward model, and the reward card; trainable parts in train mode."""
-    dtype = training_dtype(device)
-    sft = resolve_model(cfg.policy, store)
-    policy = load_causal_lm(sft, store, dtype)
-    match_vocab(policy, tokenizer)
-    reference = None if cfg.lora.enabled else frozen(copy.deepcopy(policy))
-    policy = apply_lora(policy, cfg.lora)
-
-    rm_source = resolve_model(cfg.reward, store)
-    card = rm_source.card
-    mean, std = float(card.get("reward_mean", 0.0)), float(card.get("reward_std", 1.0)) or 1.0
-    rm = load_reward_model(rm_source, store, dtype)
-    rm.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.value_init == "reward":
-        # InstructGPT: the value model starts as the reward model, in the same standardised units.
-        reward = None if cfg.lora.enabled else frozen(TokenValues(copy.deepcopy(rm), mean, std))
-        critic = TokenValues(apply_lora(rm, cfg.lora, task_type="SEQ_CLS"), mean, std)
-    else:
-        reward = frozen(TokenValues(rm, mean, std))
-        head = load_reward_model(sft, store, dtype)
-        head.config.pad_token_id = tokenizer.pad_token_id
-        nn.init.zeros_(hf_model(head).score.weight)  # V = 0 everywhere until the value loss says otherwise
-        critic = TokenValues(apply_lora(head, cfg.lora, task_type="SEQ_CLS"))
-    for model in (policy, critic, reference, reward):
-        if model is not None:
-            disable_dropout(model)
-            model.to(device)
-    return policy.train(), critic.train(), reference, reward, sft, rm_source
-
-
-def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, rm_path: str) -> None:
-    # The reward model must read the policy's ids as the text it was trained on.
-    rm_tokenizer = load_tokenizer(rm_path)
-    if (
-        rm_tokenizer.get_vocab() != tokenizer.get_vocab()
-        or rm_tokenizer.chat_template != tokenizer.chat_template
-    ):
-        raise ModelError(
-            f"the reward model at {rm_path} uses another tokenizer or chat template than the policy"
-        )
-
-
 # -- data ------------------------------------------------------------------------------------------
 
 
 def load_prompts(
     source: str, tokenizer, cfg: Config, limit: int | None = None
 ) -> tuple[list[dict], list[list[int]]]:
+    """Prompt records and their ids, cut to the last max_prompt_length tokens (the assistant header stays)."""
     records = load_records(source, "prompt", format=cfg.data_format, limit=limit).records
     return records, [prompt_ids(tokenizer, r["prompt"])[-cfg.max_prompt_length :] for r in records]
 
 
 def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
-    """The next `count` indices of a seeded per-epoch shuffle of range(total); advances position [epoch, offset]."""
-    out = []
+    """The next `count` indices of a seeded per-epoch shuffle of range(total); advances position [epoch, offset].
+
+    The position is two integers, so a checkpoint stores where the data stream is without storing it.
+    """
+    out: list[int] = []
     while len(out) < count:
         epoch, offset = position
         order = torch.randperm(
@@ -304,32 +206,27 @@ def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
     return out
 
 
-def ptx_batch(
-    rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
-) -> dict[str, Tensor]:
-    """Right-padded demonstrations with labels on assistant tokens only (-100 elsewhere)."""
+def load_demonstrations(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """PPO-ptx demonstrations as (ids, assistant mask); those with no assistant token left are dropped."""
+    records = load_records(cfg.ptx_data, "conversation").records
+    tokenized = [tokenize_conversation(tokenizer, r["messages"], cfg.ptx_max_length) for r in records]
+    return [(t.input_ids, t.assistant_mask) for t in tokenized if any(t.assistant_mask)]
+
+
+def ptx_loss(policy: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> Tensor:
+    """Mean next-token cross-entropy on the assistant tokens of right-padded demonstrations."""
     width = max(len(ids) for ids, _ in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
-    }
-    for i, (ids, mask) in enumerate(rows):
-        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        batch["attention_mask"][i, : len(ids)] = 1
-        batch["labels"][i, : len(ids)] = torch.tensor(
-            [t if m else -100 for t, m in zip(ids, mask, strict=True)]
-        )
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def ptx_loss(policy: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean next-token cross-entropy on the demonstrations' assistant tokens."""
-    mask = batch["attention_mask"]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, trained) in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        labels[i, : len(row)] = torch.tensor([t if m else -100 for t, m in zip(row, trained, strict=True)])
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     logits = policy(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
     ).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
 # -- rollouts --------------------------------------------------------------------------------------
@@ -337,91 +234,102 @@ def ptx_loss(policy: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 @dataclass
 class Experience:
-    """One process's rollouts with everything the update needs; all [B, R] unless noted."""
+    """One process's rollouts with everything the update needs; [B, R] unless noted."""
 
     seq: Sequences
-    logprobs: Tensor
     ref_logprobs: Tensor
     values: Tensor
-    scores: Tensor  # [B] standardised, clipped, penalised reward-model scores
-    kl: Tensor  # k1 per token (the KL that is logged and controlled)
+    scores: Tensor
+    """[B] standardised, clipped, penalised reward-model scores."""
+    kl: Tensor
+    """k1 per token: the KL that is logged and that the adaptive controller steers."""
     advantages: Tensor
     returns: Tensor
 
     def select(self, index: Tensor) -> Experience:
-        """Rows `index`, with the columns that are padding in every selected row cut off."""
+        """Rows `index`, without the columns that are padding in every selected row."""
         seq = self.seq.select(index)
         first = int(seq.query_mask.any(0).long().argmax())
         width = max(int(seq.response_mask.sum(-1).max()), 1)
         seq = Sequences(
-            seq.query[:, first:],
-            seq.query_mask[:, first:],
-            seq.response[:, :width],
-            seq.response_mask[:, :width],
-            seq.ended,
-        )
-        rows = [t[index][:, :width] for t in (self.logprobs, self.ref_logprobs, self.values)]
-        cut = [t[index][:, :width] for t in (self.kl, self.advantages, self.returns)]
-        return Experience(seq, *rows, self.scores[index], *cut)
-
-
-@torch.no_grad()
-def score(models: Models, seq: Sequences, cfg: Config) -> Tensor:
-    """Standardised reward-model scores, clipped, minus the penalty for responses without a stop token."""
-    with models.as_reward() as reward:
-        scores = last_token_scores(reward, seq).clamp(-cfg.reward_clip, cfg.reward_clip)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~seq.ended).float()
-    return scores
+            seq.query[:, first:], seq.query_mask[:, first:], seq.response[:, :width],
+            seq.response_mask[:, :width], seq.ended, seq.logprobs[:, :width],
+        )  # fmt: skip
+        cut = [t[index][:, :width] for t in (self.ref_logprobs, self.values)]
+        rest = [t[index][:, :width] for t in (self.kl, self.advantages, self.returns)]
+        return Experience(seq, *cut, self.scores[index], *rest)
 
 
 @torch.no_grad()
 def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experience:
-    logprobs = response_logprobs(models.policy_model, seq, cfg.temperature)
+    """Reference log-probs, values, scores, then KL-shaped rewards and (whitened) GAE advantages."""
     with models.as_reference() as reference:
         ref_logprobs = response_logprobs(reference, seq, cfg.temperature)
-    values = response_values(models.critic_model, seq)
-    scores = score(models, seq, cfg)
+    values = response_values(models.critic_model, seq) * seq.response_mask
+    scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty)
     mask = seq.response_mask
-    penalty = rl.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = rl.shaped_rewards(scores, penalty, mask, beta)
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
-    kl = rl.kl_k1(logprobs, ref_logprobs) * mask
-    return Experience(seq, logprobs, ref_logprobs, values * mask, scores, kl, advantages, returns)
+    kl = rl.kl_k1(seq.logprobs, ref_logprobs) * mask
+    return Experience(seq, ref_logprobs, values, scores, kl, advantages, returns)
 
 
-# -- the update ------------------------------------------------------------------------------------
+# -- training --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Trainer:
-    """The mutable parts of a run that the update touches."""
+    """A run's models, optimizers and random state; `step()` is one PPO iteration."""
 
     cfg: Config
-    accelerator: Accelerator
+    acc: Accelerator
     models: Models
-    policy_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer
-    policy_sched: Any
-    critic_sched: Any
+    optimizers: dict[str, Any]
+    """policy_opt, critic_opt, policy_sched, critic_sched (the checkpoint saves them by these names)."""
     generator: torch.Generator
-    ptx_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    """Tokenized demonstrations (ids, assistant mask) for PPO-ptx."""
-    ptx_pad: int = 0
+    """Draws every sampled token and mini-batch order; saved in checkpoints."""
+    kl: rl.KLController
+    prompts: list[list[int]]
+    stop_ids: list[int]
+    pad_id: int
+    demonstrations: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
-    def step_model(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
-        self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    def rollout(self, state: dict[str, Any]) -> tuple[Experience, list[int]]:
+        cfg, acc = self.cfg, self.acc
+        batch = take(len(self.prompts), cfg.batch_size, state["prompt_position"], cfg.seed)
+        mine = batch[acc.process_index :: acc.num_processes]
+        query, query_mask = left_pad([self.prompts[i] for i in mine], self.pad_id, acc.device)
+        policy = self.models.policy_model
+        with merged_lora(policy):
+            seq = sample(
+                policy, query, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                stop_ids=self.stop_ids, pad_id=self.pad_id, generator=self.generator,
+            )  # fmt: skip
+        return collect(self.models, seq, cfg, self.kl.beta), mine
+
+    def step(self, state: dict[str, Any]) -> tuple[dict[str, float], Experience, list[int]]:
+        """Roll out, update, move the KL coefficient; the step's metrics averaged over processes."""
+        tick = time.perf_counter()
+        exp, mine = self.rollout(state)
+        rollout_s = time.perf_counter() - tick
+        metrics = self.update(exp, state["ptx_position"])
+        seq = exp.seq
+        score, kl, length, ended = self.acc.reduce(
+            torch.stack([exp.scores.mean(), exp.kl.sum(-1).mean(), seq.response_mask.sum(-1).mean(), seq.ended.float().mean()]),
+            "mean",
+        ).tolist()  # fmt: skip
+        metrics.update(score=score, kl=kl, reward=score - self.kl.beta * kl, beta=self.kl.beta, length=length)
+        metrics.update(ended=ended, rollout_s=rollout_s, step_s=time.perf_counter() - tick)
+        self.kl.update(kl, self.cfg.batch_size)
+        return metrics, exp, mine
 
     def update(self, exp: Experience, ptx_position: list[int]) -> dict[str, float]:
-        cfg, acc, models = self.cfg, self.accelerator, self.models
+        cfg, acc, models = self.cfg, self.acc, self.models
         stats: dict[str, list[float]] = defaultdict(list)
-        size = exp.scores.shape[0]
-        mini = cfg.mini_batch_size // acc.num_processes
+        size, mini = exp.scores.shape[0], cfg.mini_batch_size // acc.num_processes
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(size, generator=self.generator).to(exp.scores.device)
             for start in range(0, size, mini):
@@ -429,144 +337,99 @@ class Trainer:
                 mask = part.seq.response_mask
                 logits = response_logits(models.policy, part.seq, cfg.temperature)
                 logprobs = rl.logprobs_from_logits(logits, part.seq.response)
-                out = rl.clipped_policy_loss(logprobs, part.logprobs, part.advantages, mask, cfg.clip_range)
+                policy = rl.clipped_policy_loss(
+                    logprobs, part.seq.logprobs, part.advantages, mask, cfg.clip_range
+                )
                 entropy = rl.masked_mean(
                     rl.entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask
                 )
-                loss = out.loss - cfg.entropy_coef * entropy
+                loss = policy.loss - cfg.entropy_coef * entropy
                 if cfg.ptx_coef > 0:
-                    # Two backward passes, one gradient all-reduce: sync only on the second.
-                    with acc.no_sync(models.policy):
-                        acc.backward(loss)
-                    pick = take(
-                        len(self.ptx_rows), cfg.ptx_batch_size * acc.num_processes, ptx_position, cfg.seed
-                    )
-                    rows = [self.ptx_rows[i] for i in pick[acc.process_index :: acc.num_processes]]
-                    batch = ptx_batch(rows, self.ptx_pad, acc.device)
-                    lm = ptx_loss(models.policy, batch)
-                    acc.backward(cfg.ptx_coef * lm)
-                    stats["ptx_loss"].append(lm.item())
+                    stats["ptx_loss"].append(self.backward_with_ptx(loss, ptx_position))
                 else:
                     acc.backward(loss)
-                self.step_model(models.policy, self.policy_opt, self.policy_sched)
+                self.optimizer_step(models.policy, "policy")
 
                 values = response_values(models.critic, part.seq)
                 value_loss, value_clip = rl.clipped_value_loss(
                     values, part.values, part.returns, mask, cfg.value_clip_range
                 )
                 acc.backward(value_loss)
-                self.step_model(models.critic, self.critic_opt, self.critic_sched)
-
+                self.optimizer_step(models.critic, "critic")
                 for key, value in (
-                    ("policy_loss", out.loss), ("value_loss", value_loss), ("entropy", entropy), ("approx_kl", out.approx_kl),
-                    ("clip_fraction", out.clip_fraction), ("value_clip_fraction", value_clip),
+                    ("policy_loss", policy.loss), ("value_loss", value_loss), ("entropy", entropy),
+                    ("approx_kl", policy.approx_kl), ("clip_fraction", policy.clip_fraction),
+                    ("value_clip_fraction", value_clip),
                 ):  # fmt: skip
                     stats[key].append(value.item())
         return {key: sum(v) / len(v) for key, v in stats.items()}
 
+    def backward_with_ptx(self, ppo_loss: Tensor, position: list[int]) -> float:
+        """PPO-ptx: add ptx_coef x the LM loss on demonstrations; one gradient all-reduce for both."""
+        cfg, acc = self.cfg, self.acc
+        with acc.no_sync(self.models.policy):
+            acc.backward(ppo_loss)
+        picked = take(len(self.demonstrations), cfg.ptx_batch_size * acc.num_processes, position, cfg.seed)
+        rows = [self.demonstrations[i] for i in picked[acc.process_index :: acc.num_processes]]
+        lm = ptx_loss(self.models.policy, rows, self.pad_id, acc.device)
+        acc.backward(cfg.ptx_coef * lm)
+        return lm.item()
 
-# -- evaluation ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    models: Models, prompts: list[list[int]], cfg: Config, acc: Accelerator, tokenizer, sft_scores: dict
-) -> dict:
-    """Mean score, exact KL to the reference, length, and the RM-judged win rate over the SFT policy.
-
-    Both policies sample with the same fixed seed, so every evaluation (and the SFT side, computed once)
-    sees the same random numbers.
-    """
-    temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
-    kl_temperature = temperature or 1.0
-    mine = list(range(len(prompts)))[acc.process_index :: acc.num_processes]
-    rows = []
-    policy_gen = torch.Generator(acc.device).manual_seed(cfg.seed + 7919 * (acc.process_index + 1))
-    sft_gen = torch.Generator(acc.device).manual_seed(cfg.seed + 7919 * (acc.process_index + 1))
-    settings = dict(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=temperature,
-        stop_ids=stop_token_ids(tokenizer),
-        pad_id=tokenizer.pad_token_id,
-    )
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        chunk = mine[start : start + cfg.eval_batch_size]
-        query, query_mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, acc.device)
-        with merged_lora(models.policy_model):
-            seq = sample(models.policy_model, query, query_mask, generator=policy_gen, **settings)
-        logits = response_logits(models.policy_model, seq, kl_temperature)
-        with models.as_reference() as reference:
-            ref_logits = response_logits(reference, seq, kl_temperature)
-            if chunk[0] not in sft_scores:
-                sft_seq = sample(reference, query, query_mask, generator=sft_gen, **settings)
-                sft_scores.update(zip(chunk, score(models, sft_seq, cfg).tolist(), strict=True))
-        kl = (rl.kl_from_logits(logits, ref_logits) * seq.response_mask).sum(-1)
-        scores = score(models, seq, cfg)
-        for j, i in enumerate(chunk):
-            win = float(scores[j] > sft_scores[i]) + 0.5 * float(scores[j] == sft_scores[i])
-            rows.append(
-                {
-                    "score": scores[j].item(),
-                    "kl": kl[j].item(),
-                    "length": seq.response_mask[j].sum().item(),
-                    "win": win,
-                }
-            )
-    rows = gather_object(rows)
-    return {
-        f"eval/{key}": sum(r[key] for r in rows) / max(len(rows), 1)
-        for key in ("score", "kl", "length", "win")
-    }
+    def optimizer_step(self, model: nn.Module, name: str) -> None:
+        self.acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+        self.optimizers[f"{name}_opt"].step()
+        self.optimizers[f"{name}_sched"].step()
+        self.optimizers[f"{name}_opt"].zero_grad(set_to_none=True)
 
 
-# -- the run ---------------------------------------------------------------------------------------
+def make_optimizers(cfg: Config, loaded: Loaded) -> dict[str, Any]:
+    updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    out: dict[str, Any] = {}
+    for name, model, lr in (
+        ("policy", loaded.policy, cfg.learning_rate),
+        ("critic", loaded.critic, cfg.value_learning_rate),
+    ):
+        trained = [p for p in model.parameters() if p.requires_grad]
+        out[f"{name}_opt"] = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.weight_decay)
+        # Stepped by us once per optimizer step (Accelerate's wrapper would step it once per process).
+        out[f"{name}_sched"] = get_scheduler(
+            cfg.lr_scheduler,
+            out[f"{name}_opt"],
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=updates,
+        )
+    return out
 
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train with PPO and publish a `ppo` artifact (main process); other processes return None."""
     acc = Accelerator()
     set_seed(cfg.seed)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    resume_from = resolve_resume(cfg.resume, run_dir)
     if cfg.batch_size % acc.num_processes or cfg.mini_batch_size % acc.num_processes:
         raise ValueError(
             f"batch_size and mini_batch_size must be multiples of the {acc.num_processes} processes"
         )
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    resume_from = resolve_resume(cfg.resume, run_dir)
 
-    sft_source = resolve_model(cfg.policy, store)
-    tokenizer = load_tokenizer(sft_source.path)
-    policy, critic, reference, reward, sft, rm_source = build_models(cfg, store, acc.device, tokenizer)
-    check_same_tokenizer(tokenizer, rm_source.path)
-    prompt_records, prompts = load_prompts(cfg.prompts, tokenizer, cfg)
+    tokenizer = load_tokenizer(resolve_model(cfg.policy, store).path)
+    loaded = build_models(cfg.policy, cfg.reward, store, tokenizer, cfg.lora, cfg.value_init, acc.device)
+    records, prompts = load_prompts(cfg.prompts, tokenizer, cfg)
     eval_prompts = (
         load_prompts(cfg.eval_prompts, tokenizer, cfg, cfg.eval_limit)[1] if cfg.eval_prompts else []
     )
-
-    updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    opts, scheds = [], []
-    for model, lr in ((policy, cfg.learning_rate), (critic, cfg.value_learning_rate)):
-        opt = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay
-        )
-        opts.append(opt)
-        scheds.append(
-            get_scheduler(
-                cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates
-            )
-        )
-    policy, critic, policy_opt, critic_opt = acc.prepare(policy, critic, *opts)
-    models = Models(policy, critic, acc.unwrap_model(policy), acc.unwrap_model(critic), reference, reward)
-    generator = torch.Generator(acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
-    trainer = Trainer(cfg, acc, models, policy_opt, critic_opt, scheds[0], scheds[1], generator)
-    if cfg.ptx_coef > 0:
-        conversations = load_records(cfg.ptx_data, "conversation").records
-        tokenized = [
-            tokenize_conversation(tokenizer, r["messages"], cfg.ptx_max_length) for r in conversations
-        ]
-        trainer.ptx_rows = [(t.input_ids, t.assistant_mask) for t in tokenized if any(t.assistant_mask)]
-        trainer.ptx_pad = tokenizer.pad_token_id
-
-    kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    optimizers = make_optimizers(cfg, loaded)
+    policy, critic, optimizers["policy_opt"], optimizers["critic_opt"] = acc.prepare(
+        loaded.policy, loaded.critic, optimizers["policy_opt"], optimizers["critic_opt"]
+    )
+    models = Models(
+        policy, critic, acc.unwrap_model(policy), acc.unwrap_model(critic), loaded.reference, loaded.reward
+    )
+    trainer = Trainer(
+        cfg, acc, models, optimizers, torch.Generator(acc.device).manual_seed(cfg.seed * 1000 + acc.process_index),
+        rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), prompts, stop_token_ids(tokenizer),
+        tokenizer.pad_token_id, load_demonstrations(cfg, tokenizer) if cfg.ptx_coef > 0 else [],
+    )  # fmt: skip
     state: dict[str, Any] = {
         "step": 0,
         "prompt_position": [0, 0],
@@ -574,91 +437,53 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         "history": [],
         "samples": [],
     }
-    checkpointed = {"policy": policy, "critic": critic}
-    optimizers = {
-        "policy_opt": policy_opt,
-        "critic_opt": critic_opt,
-        "policy_sched": scheds[0],
-        "critic_sched": scheds[1],
-    }
+    trained = {"policy": policy, "critic": critic}
     if resume_from is not None:
         state = load_checkpoint(
-            resume_from, acc, models=checkpointed, optimizers=optimizers, generator=generator
+            resume_from, acc, models=trained, optimizers=optimizers, generator=trainer.generator
         )
-        kl_ctl.load_state_dict(state["kl_controller"])
-        print_main(acc, f"resumed from {resume_from} at step {state['step']}")
+        trainer.kl.load_state_dict(state["kl_controller"])
+        if acc.is_main_process:
+            print(f"resumed from {resume_from} at step {state['step']}", flush=True)
 
-    writer = tensorboard(cfg, run_dir, acc)
-    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    how = EvalSettings(
+        cfg.max_new_tokens, cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature,
+        cfg.eval_batch_size, cfg.seed, cfg.reward_clip, cfg.missing_eos_penalty, trainer.stop_ids, trainer.pad_id,
+    )  # fmt: skip
     sft_scores: dict[int, float] = {}
     if state["step"] == 0 and eval_prompts:
-        state["history"].append(
-            {"step": 0, **evaluate(models, eval_prompts, cfg, acc, tokenizer, sft_scores)}
-        )
+        state["history"].append({"step": 0, **evaluate(models, eval_prompts, how, acc, sft_scores)})
+    writer = tensorboard(cfg, run_dir, acc)
     bar = tqdm(
         total=cfg.steps, initial=state["step"], desc="ppo", disable=not (acc.is_main_process and cfg.progress)
     )
     started, episodes = time.perf_counter(), 0
     while state["step"] < cfg.steps:
-        step = state["step"] + 1
-        tick = time.perf_counter()
-        batch = take(len(prompts), cfg.batch_size, state["prompt_position"], cfg.seed)
-        mine = batch[acc.process_index :: acc.num_processes]
-        query, query_mask = left_pad([prompts[i] for i in mine], pad, acc.device)
-        with merged_lora(models.policy_model):
-            seq = sample(
-                models.policy_model, query, query_mask, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, stop_ids=stops, pad_id=pad, generator=generator,
-            )  # fmt: skip
-        exp = collect(models, seq, cfg, kl_ctl.beta)
-        rollout_time = time.perf_counter() - tick
-        metrics = trainer.update(exp, state["ptx_position"])
-        seq_kl = exp.kl.sum(-1)
-        totals = acc.reduce(
-            torch.stack([exp.scores.mean(), seq_kl.mean(), seq.response_mask.sum(-1).mean(), seq.ended.float().mean()]), "mean"
-        ).tolist()  # fmt: skip
-        metrics.update(score=totals[0], kl=totals[1], length=totals[2], ended=totals[3], beta=kl_ctl.beta)
-        metrics.update(
-            reward=totals[0] - kl_ctl.beta * totals[1],
-            rollout_s=rollout_time,
-            step_s=time.perf_counter() - tick,
-        )
-        kl_ctl.update(totals[1], cfg.batch_size)
+        metrics, exp, mine = trainer.step(state)
+        state["step"] = step = state["step"] + 1
         episodes += cfg.batch_size
-        state["step"] = step
         if cfg.sample_every and step % cfg.sample_every == 0 and acc.is_main_process:
-            state["samples"] += samples(
-                exp, [prompt_records[i] for i in mine], tokenizer, step, cfg.num_samples
-            )
+            state["samples"] += samples(exp, [records[i] for i in mine], tokenizer, step, cfg.num_samples)
         if eval_prompts and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(evaluate(models, eval_prompts, cfg, acc, tokenizer, sft_scores))
+            metrics.update(evaluate(models, eval_prompts, how, acc, sft_scores))
         state["history"].append({"step": step, **metrics})
-        log(writer, state["history"][-1], state["samples"], step)
+        log(writer, state["history"][-1], state["samples"])
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            state["kl_controller"] = kl_ctl.state_dict()
+            state["kl_controller"] = trainer.kl.state_dict()
             save_checkpoint(
-                run_dir,
-                step,
-                acc,
-                models=checkpointed,
-                optimizers=optimizers,
-                state=state,
-                generator=generator,
-                keep=cfg.keep_checkpoints,
-            )
+                run_dir, step, acc, models=trained, optimizers=optimizers, state=state,
+                generator=trainer.generator, keep=cfg.keep_checkpoints,
+            )  # fmt: skip
     bar.close()
-    elapsed = time.perf_counter() - started
     if writer is not None:
         writer.close()
-    summary = summarize(state["history"], episodes, elapsed)
-    return publish(cfg, store, acc, models, tokenizer, sft, rm_source, state, summary)
+    summary = summarize(state["history"], episodes, time.perf_counter() - started)
+    return publish(cfg, store, acc, models, tokenizer, loaded, state, summary)
 
 
-def print_main(acc: Accelerator, message: str) -> None:
-    if acc.is_main_process:
-        print(message, flush=True)
+# -- logging and publishing ------------------------------------------------------------------------
 
 
 def tensorboard(cfg: Config, run_dir: Path, acc: Accelerator):
@@ -669,45 +494,50 @@ def tensorboard(cfg: Config, run_dir: Path, acc: Accelerator):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def log(writer, metrics: dict[str, float], all_samples: list[dict], step: int) -> None:
+def log(writer, metrics: dict[str, float], logged_samples: list[dict]) -> None:
     if writer is None:
         return
+    step = metrics["step"]
     for key, value in metrics.items():
         if key != "step":
             writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-    for item in all_samples:
+    for item in logged_samples:
         if item["step"] == step:
-            writer.add_text(
-                "samples",
-                f"**prompt**: {item['prompt']}\n\n**response**: {item['response']}\n\nscore {item['score']:.3f}",
-                step,
-            )
+            prompt = item["prompt"][-1]["content"]
+            text = f"**prompt**: {prompt}\n\n**response**: {item['response']}\n\nscore {item['score']:.3f}"
+            writer.add_text("samples", text, step)
 
 
 def samples(exp: Experience, records: list[dict], tokenizer, step: int, count: int) -> list[dict]:
+    """The first `count` completions of this process's batch, as text with their score and KL."""
     out = []
     for i in range(min(count, len(records))):
         length = int(exp.seq.response_mask[i].sum())
-        out.append({
-            "step": step,
-            "prompt": records[i]["prompt"],
-            "response": tokenizer.decode(exp.seq.response[i, :length], skip_special_tokens=True),
-            "score": exp.scores[i].item(),
-            "kl": exp.kl[i].sum().item(),
-        })  # fmt: skip
+        response = tokenizer.decode(exp.seq.response[i, :length], skip_special_tokens=True)
+        out.append(
+            {
+                "step": step,
+                "prompt": records[i]["prompt"],
+                "response": response,
+                "score": exp.scores[i].item(),
+                "kl": exp.kl[i].sum().item(),
+            }
+        )
     return out
 
 
 def summarize(history: list[dict], episodes: int, elapsed: float) -> dict[str, float]:
-    """Headline metrics for the manifest: evaluation before and after, and throughput."""
-    evals = [h for h in history if "eval/score" in h]
+    """Headline metrics for the manifest: evaluation before and after, the last step, throughput."""
     out: dict[str, float] = {}
+    evals = [h for h in history if "eval/score" in h]
     if evals:
         first, last = evals[0], evals[-1]
-        out.update({
-            "eval_score_initial": first["eval/score"], "eval_score_final": last["eval/score"],
-            "eval_kl_final": last["eval/kl"], "eval_win_rate_final": last["eval/win"], "eval_length_final": last["eval/length"],
-        })  # fmt: skip
+        out.update(eval_score_initial=first["eval/score"], eval_score_final=last["eval/score"])
+        out.update(
+            eval_kl_final=last["eval/kl"],
+            eval_win_rate_final=last["eval/win"],
+            eval_length_final=last["eval/length"],
+        )
     trained = [h for h in history if "score" in h]
     if trained:
         out.update(
@@ -718,48 +548,66 @@ def summarize(history: list[dict], episodes: int, elapsed: float) -> dict[str, f
     out.update(
         steps=len(trained), episodes_this_session=episodes, episodes_per_second=episodes / max(elapsed, 1e-9)
     )
-    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
+    return {k: round(v, 6) if isinstance(v, float) and math.isfinite(v) else v for k, v in out.items()}
 
 
-def publish(cfg, store, acc, models: Models, tokenizer, sft, rm_source, state, summary) -> Artifact | None:
-    """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside."""
+def publish(
+    cfg: Config, store: ArtifactStore, acc: Accelerator, models: Models, tokenizer: PreTrainedTokenizerBase,
+    loaded: Loaded, state: dict[str, Any], summary: dict[str, float],
+) -> Artifact | None:  # fmt: skip
+    """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside.
+
+    Both models load with pipeline.models: the policy as SFT + merged adapter (load_causal_lm), the value
+    model as a one-output sequence classifier (load_reward_model; its card's reward_mean/std give units).
+    """
     artifact = None
     if acc.is_main_process:
-        base_of = lambda resolved: resolved.lineage.get("artifact") or resolved.lineage.get("model")  # noqa: E731
+
+        def source(resolved) -> str:
+            return resolved.lineage.get("artifact") or resolved.lineage.get("model")
+
+        value_base = loaded.reward_source if cfg.value_init == "reward" else loaded.sft
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             models.policy_model.save_pretrained(out)
             tokenizer.save_pretrained(out)
             write_card(
-                out, {"kind": "causal_lm", **({"adapter_base": base_of(sft)} if cfg.lora.enabled else {})}
+                out,
+                {"kind": "causal_lm"} | ({"adapter_base": source(loaded.sft)} if cfg.lora.enabled else {}),
             )
-            value_dir = out / "value"
-            models.critic_model.classifier.save_pretrained(value_dir)
-            value_base = rm_source if cfg.value_init == "reward" else sft
-            write_card(value_dir, {
-                "kind": "reward", "value_model": True, "reward_mean": models.critic_model.mean, "reward_std": models.critic_model.std,
-                **({"adapter_base": base_of(value_base)} if cfg.lora.enabled else {}),
-            })  # fmt: skip
-            write_jsonl(out / "metrics.jsonl", state["history"])
-            write_jsonl(out / "samples.jsonl", state["samples"])
-            inputs = [sft.lineage | {"role": "policy"}, rm_source.lineage | {"role": "reward"}]
+            models.critic_model.classifier.save_pretrained(out / "value")
+            card = {
+                "kind": "reward",
+                "value_model": True,
+                "reward_mean": models.critic_model.mean,
+                "reward_std": models.critic_model.std,
+            }
+            write_card(
+                out / "value", card | ({"adapter_base": source(value_base)} if cfg.lora.enabled else {})
+            )
+            for name, rows in (("metrics.jsonl", state["history"]), ("samples.jsonl", state["samples"])):
+                (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+            inputs = [
+                loaded.sft.lineage | {"role": "policy"},
+                loaded.reward_source.lineage | {"role": "reward"},
+            ]
             for path, role in (
                 (cfg.prompts, "prompts"),
                 (cfg.eval_prompts, "eval_prompts"),
-                (cfg.ptx_data if cfg.ptx_coef else None, "ptx"),
+                (cfg.ptx_coef and cfg.ptx_data, "ptx"),
             ):
                 if path:
                     inputs.append(
                         (dataset_fingerprint(path) if Path(path).is_file() else {"dataset": path})
                         | {"role": role}
                     )
+            meta = {
+                "adapter": cfg.lora.enabled,
+                "value_init": cfg.value_init,
+                "base_policy": source(loaded.sft),
+            }
             artifact = store.publish(
-                "ppo", out, config=to_dict(cfg), inputs=inputs, metrics=summary,
-                meta={"adapter": cfg.lora.enabled, "value_init": cfg.value_init, "base_policy": base_of(sft)},
-            )  # fmt: skip
+                "ppo", out, config=to_dict(cfg), inputs=inputs, metrics=summary, meta=meta
+            )
     acc.wait_for_everyone()
     return artifact
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -1,0 +1,148 @@
+"""The four models PPO needs, and how they share trunks: policy, reference, value model (critic), reward.
+
+With LoRA (the default) there are two trunks in memory, not four:
+
+- the SFT trunk carries the policy's fresh adapter; with the adapter disabled (peft's `disable_adapter()`)
+  it is the frozen reference, and with the adapter merged it generates (rollout.merged_lora);
+- the reward model's trunk carries the critic's adapter and trainable copy of the score head
+  (InstructGPT initialises the value model from the reward model); with the adapter disabled it is the
+  frozen reward model, original head included.
+
+Without LoRA the reference and the reward model are separate frozen copies. With `value_init: policy`
+the critic is the SFT trunk with a zero score head (a second copy), and the reward model stands alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.models import (
+    LoraSettings,
+    ModelError,
+    ResolvedModel,
+    apply_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    match_vocab,
+    resolve_model,
+    training_dtype,
+)
+from pipeline.store import ArtifactStore
+from stages.ppo.rollout import Sequences, TokenValues, hf_model, last_token_scores
+
+
+@dataclass
+class Models:
+    """The trained policy and critic (as prepared by Accelerate) and their frozen partners."""
+
+    policy: nn.Module
+    """The policy for gradient steps (wrapped in DDP under several processes)."""
+    critic: nn.Module
+    """The value model for gradient steps (TokenValues, wrapped like the policy)."""
+    policy_model: nn.Module
+    """The unwrapped policy: generation and no-grad scoring use it."""
+    critic_model: TokenValues
+    """The unwrapped value model."""
+    reference: nn.Module | None
+    """A frozen SFT copy, or None: the policy with its adapter disabled."""
+    reward: TokenValues | None
+    """A frozen reward model, or None: the critic with its adapter disabled."""
+
+    @contextmanager
+    def as_reference(self) -> Iterator[nn.Module]:
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy_model.disable_adapter():
+                yield self.policy_model
+
+    @contextmanager
+    def as_reward(self) -> Iterator[TokenValues]:
+        if self.reward is not None:
+            yield self.reward
+        else:
+            with self.critic_model.classifier.disable_adapter():
+                yield self.critic_model
+
+    @torch.no_grad()
+    def score(self, seq: Sequences, clip: float, missing_eos_penalty: float | None) -> Tensor:
+        """Standardised reward-model scores [B], clipped to +-clip, minus the penalty for a missing stop."""
+        with self.as_reward() as reward:
+            scores = last_token_scores(reward, seq).clamp(-clip, clip)
+        if missing_eos_penalty is not None:
+            scores = scores - missing_eos_penalty * (~seq.ended).float()
+        return scores
+
+
+@dataclass
+class Loaded:
+    """What build_models loads, before Accelerate wraps the trained parts."""
+
+    policy: nn.Module
+    critic: TokenValues
+    reference: nn.Module | None
+    reward: TokenValues | None
+    sft: ResolvedModel
+    reward_source: ResolvedModel
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_models(
+    policy_ref: str,
+    reward_ref: str,
+    store: ArtifactStore,
+    tokenizer: PreTrainedTokenizerBase,
+    lora: LoraSettings,
+    value_init: str,
+    device: torch.device,
+) -> Loaded:
+    dtype = training_dtype(device)
+    sft = resolve_model(policy_ref, store)
+    policy = load_causal_lm(sft, store, dtype)
+    match_vocab(policy, tokenizer)
+    reference = None if lora.enabled else frozen(copy.deepcopy(policy))
+    policy = apply_lora(policy, lora)
+
+    reward_source = resolve_model(reward_ref, store)
+    check_same_tokenizer(tokenizer, reward_source.path)
+    # Values and scores in the units the reward artifact reports: (raw - reward_mean) / reward_std.
+    mean = float(reward_source.card.get("reward_mean", 0.0))
+    std = float(reward_source.card.get("reward_std", 1.0)) or 1.0
+    rm = load_reward_model(reward_source, store, dtype)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    if value_init == "reward":
+        reward = None if lora.enabled else frozen(TokenValues(copy.deepcopy(rm), mean, std))
+        critic = TokenValues(apply_lora(rm, lora, task_type="SEQ_CLS"), mean, std)
+    else:
+        reward = frozen(TokenValues(rm, mean, std))
+        head = load_reward_model(sft, store, dtype)
+        head.config.pad_token_id = tokenizer.pad_token_id
+        nn.init.zeros_(hf_model(head).score.weight)  # V = 0 everywhere until the value loss says otherwise
+        critic = TokenValues(apply_lora(head, lora, task_type="SEQ_CLS"))
+    for model in (policy, critic, reference, reward):
+        if model is not None:
+            disable_dropout(model)
+            model.to(device)
+    return Loaded(policy.train(), critic.train(), reference, reward, sft, reward_source)
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, rm_path: str) -> None:
+    """The reward model must read the policy's token ids as the text it was trained on."""
+    theirs = load_tokenizer(rm_path)
+    if theirs.get_vocab() != tokenizer.get_vocab() or theirs.chat_template != tokenizer.chat_template:
+        raise ModelError(
+            f"the reward model at {rm_path} uses another tokenizer or chat template than the policy"
+        )
