@@ -175,23 +175,17 @@ def test_score_cli_prints_raw_and_normalised(trained, capsys):
     mean, std = artifact.meta["reward_mean"], artifact.meta["reward_std"]
     assert float(lines[0][1]) == pytest.approx((polite - mean) / std, abs=2e-3)
 
+    score = ["reward", "score", "--store", str(store.root), "--artifact"]
     file = write_jsonl(root / "held.jsonl", learnable_comparisons(6, seed=99))
-    assert (
-        cli_main(
-            [
-                "reward",
-                "score",
-                "--artifact",
-                "reward:latest",
-                "--store",
-                str(store.root),
-                "--file",
-                str(file),
-            ]
-        )
-        == 0
-    )
+    assert cli_main([*score, "reward:latest", "--file", str(file)]) == 0
     assert "ranked pairs ordered as in the file" in capsys.readouterr().out
+
+    # Prompt/completion lines: consecutive lines with the same prompt are scored as one group.
+    lines = [{"prompt": question, "completion": STYLES[i].format(answer)} for i in (0, 2)]
+    file = write_jsonl(root / "pc.jsonl", [*lines, {"prompt": ANSWERS[0][0], "completion": ANSWERS[0][1]}])
+    assert cli_main([*score, artifact.id, "--file", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("prompt: ") == 2 and "ranked pairs" not in out
 
 
 def test_each_completion_is_forwarded_once_per_step(tiny_tokenizer, tiny_model_dir):

@@ -19,8 +19,8 @@ from pipeline.chat import tokenize_completion
 from pipeline.datasets import DataError
 from stages.reward.scorer import pad_right
 
-# Markup that chat templates (or raw transcripts) put around turns. Finding it inside a message means the
-# record was rendered with some template already; rendering it again with ours would train on garbage.
+# Markup that chat templates put around turns. Finding it inside a message means the record was rendered
+# with some template already; rendering it again with ours would train on garbage.
 TEMPLATE_MARKERS = {
     "<|im_start|>": "ChatML",
     "<|im_end|>": "ChatML",
@@ -30,9 +30,9 @@ TEMPLATE_MARKERS = {
     "<start_of_turn>": "Gemma",
     "<|user|>": "Zephyr / Phi",
     "<|assistant|>": "Zephyr / Phi",
-    "\n\nHuman:": "an Anthropic HH transcript",
-    "\n\nAssistant:": "an Anthropic HH transcript",
 }
+# (Raw "Human: ... Assistant: ..." transcripts are not checked: they are plain text, and real replies in
+# HH-RLHF and OpenAssistant quote such turns, even at their start.)
 
 
 @dataclass
@@ -72,15 +72,15 @@ def template_name(tokenizer: PreTrainedTokenizerBase) -> str:
     return "a custom template" if tokenizer.chat_template else "no template"
 
 
-def rendered_markup(record: dict[str, Any]) -> tuple[str, str] | None:
-    """(field, marker) of the first chat-template marker in a record's text; None for plain messages."""
+def rendered_markup(record: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(field, marker, template) of the first chat-template marker in a record; None for plain messages."""
     key = "prompt" if "prompt" in record else "messages"
     texts = [(f"{key}[{i}].content", m["content"]) for i, m in enumerate(record.get(key, []))]
     texts += [(f"completions[{i}]", text) for i, text in enumerate(record.get("completions", []))]
     for where, text in texts:
-        for marker in TEMPLATE_MARKERS:
+        for marker, name in TEMPLATE_MARKERS.items():
             if marker in text:
-                return where, marker
+                return where, marker, name
     return None
 
 
@@ -89,12 +89,12 @@ def check_plain_text(records: Sequence[dict[str, Any]], source: str, template_na
     for index, record in enumerate(records):
         found = rendered_markup(record)
         if found is not None:
-            where, marker = found
+            where, marker, rendered_by = found
             raise DataError(
                 source,
                 None,
                 where,
-                f"record {index + 1} already contains chat markup {marker!r} ({TEMPLATE_MARKERS[marker]}), "
+                f"record {index + 1} already contains chat markup {marker!r} ({rendered_by}), "
                 f"but the reward model renders plain messages with its own chat template ({template_name}). "
                 "Give plain messages: load the source through its converter "
                 "(data_format: hh-rlhf, oasst, trl, ...) instead of pre-rendered text",

@@ -100,6 +100,8 @@ class Config:
     """Evaluate on the held-out groups every this many steps (0: only at the end)."""
     normalise_on: str | None = "data/demo/sft.jsonl"
     """Demonstrations (conversations) whose final replies set reward mean/std; unset: the best-ranked completions."""
+    normalise_limit: int | None = None
+    """Score at most this many demonstrations (the first ones) for the normalisation; unset: all."""
     seed: int = 0
     """Seed for the held-out split, data order and the score head's initialisation."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
@@ -118,6 +120,8 @@ class Config:
             raise ValueError(f"max_steps must be positive or -1 (run `epochs`), got {self.max_steps}")
         if self.margin and self.loss != "pairwise":
             raise ValueError("margin applies to the pairwise loss only; set loss: pairwise or margin: false")
+        if self.normalise_limit is not None and self.normalise_limit < 1:
+            raise ValueError(f"normalise_limit must be at least 1 (or unset), got {self.normalise_limit}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
@@ -143,7 +147,6 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
     accelerator.init_trackers(f"reward-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
 
-    evaluation: dict[str, float] = {}
     step, started, recent = 0, time.perf_counter(), []
     progress = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_local_main_process)
     while step < total_steps:
@@ -330,7 +333,9 @@ def normalisation_rows(
     if cfg.normalise_on is None:
         # No demonstrations: the best-ranked completion of each training prompt stands in for one.
         return [Group([g.rows[g.ranks.index(min(g.ranks))]], [0]) for g in train_groups]
-    loaded = load_records(cfg.normalise_on, "conversation", skip_invalid=cfg.skip_invalid)
+    loaded = load_records(
+        cfg.normalise_on, "conversation", skip_invalid=cfg.skip_invalid, limit=cfg.normalise_limit
+    )
     check_plain_text(loaded.records, loaded.source, template_name(tokenizer))
     rows = []
     for record in loaded.records:
