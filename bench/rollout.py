@@ -10,7 +10,7 @@ The bound per decode step is max(2 x params x batch FLOPs at the fp32 matmul pea
 memory bandwidth), both measured here in the same run (best of several large matmuls; best of several
 reductions over a 1 GiB tensor). Figures are tokens/s, medians over `--repeats` runs, and % of bound.
 
-    .venv/bin/python bench/rollout.py [--new-tokens 64] [--repeats 3] [--batches 1 8 32]
+    .venv/bin/python bench/rollout.py [--new-tokens 64] [--repeats 3] [--batches 1 8 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--store", default=os.environ.get("RLHF_STORE", str(REPO / "artifacts")))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     store = ArtifactStore(args.store)
     resolved = resolve_model(EMBEDDED_MODEL, store)
