@@ -235,7 +235,7 @@ def mean_reward(work: Path, setup: dict, adapter: Path | None) -> float:
     sys.path.insert(0, str(REPO))
     from pipeline.chat import stop_token_ids
     from pipeline.models import load_tokenizer
-    from stages.ppo.rollout import TokenValues, last_token_scores, left_pad, merged_lora, sample
+    from stages.ppo.rollout import TokenValues, generation_weights, last_token_scores, left_pad, sample
 
     tokenizer = load_tokenizer(str(work / "policy"))
     policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.float32)
@@ -246,7 +246,7 @@ def mean_reward(work: Path, setup: dict, adapter: Path | None) -> float:
     )
     scores = []
     generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad(), merged_lora(policy):
+    with torch.no_grad(), generation_weights(policy):
         for start in range(0, len(setup["eval_ids"]), 16):
             query, mask = left_pad(
                 setup["eval_ids"][start : start + 16], tokenizer.pad_token_id, torch.device("cpu")

@@ -4,7 +4,8 @@ For batch sizes 1, 8 and 32, generates `--new-tokens` tokens per prompt (no earl
 produces exactly batch x new_tokens tokens) from the demo prompts, two ways:
 
 - `generate`: transformers' `generate` on the peft model as it is (adapter unmerged, sampling);
-- ours: stages.ppo.rollout.sample (own KV-cache decode loop) inside merged_lora (W + BA swapped in).
+- ours: stages.ppo.rollout.sample (own KV-cache decode loop) inside generation_weights (W + BA merged,
+  every linear layer pre-packed by oneDNN; the packing is timed as part of the rollout).
 
 The bound per decode step is max(2 x params x batch FLOPs at the fp32 matmul peak, weight bytes at the
 memory bandwidth), both measured here in the same run (best of several large matmuls; best of several
@@ -40,7 +41,7 @@ from pipeline.models import (  # noqa: E402
     resolve_model,
 )
 from pipeline.store import ArtifactStore  # noqa: E402
-from stages.ppo.rollout import left_pad, merged_lora, sample  # noqa: E402
+from stages.ppo.rollout import generation_weights, left_pad, sample  # noqa: E402
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 8) -> float:
@@ -73,7 +74,7 @@ def plain_generate(model, query, mask, n: int, pad_id: int) -> None:
 
 
 def merged_sample(model, query, mask, n: int, pad_id: int) -> None:
-    with merged_lora(model):
+    with generation_weights(model):
         seq = sample(
             model, query, mask, max_new_tokens=n, temperature=1.0, stop_ids=[], pad_id=pad_id,
             generator=torch.Generator().manual_seed(0),

@@ -16,9 +16,9 @@ from pipeline.models import LoraSettings, apply_lora, load_causal_lm, load_rewar
 from stages.ppo.rollout import (
     Sequences,
     TokenValues,
+    generation_weights,
     last_token_scores,
     left_pad,
-    merged_lora,
     position_ids,
     response_logprobs,
     sample,
@@ -62,7 +62,7 @@ def test_left_padding_positions_and_truncation_at_the_stop_token():
     assert keep.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
 
 
-def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
+def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_was(
     store, policy_dir, tiny_tokenizer
 ):
     model = apply_lora(load_causal_lm(resolve_model(str(policy_dir), store), store), LoraSettings(r=4)).eval()
@@ -71,6 +71,7 @@ def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
         if "lora_B" in name:
             param.data.normal_(0, 0.3)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modules = [(name, type(m)) for name, m in model.named_modules()]
     prompts = [
         prompt_ids(tiny_tokenizer, PROMPT),
         prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hi"}]),
@@ -82,11 +83,12 @@ def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
         stop_ids=stop_token_ids(tiny_tokenizer),
         pad_id=tiny_tokenizer.pad_token_id,
     )
-    with merged_lora(model):
+    with generation_weights(model):
         merged = sample(model, query, mask, generator=None, **settings)
     plain = sample(model, query, mask, generator=None, **settings)
     assert torch.equal(merged.response, plain.response)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
     # Batched, left-padded sampling agrees with each prompt alone.
     alone = sample(
         model, query[1:, -len(prompts[1]) :], mask[1:, -len(prompts[1]) :], generator=None, **settings
@@ -95,7 +97,7 @@ def test_merged_lora_sampling_matches_the_adapter_and_restores_weights_exactly(
     # The rollout log-probs from the sampling loop (merged weights, KV cache) are those a full forward
     # pass through the adapter gives, up to float rounding; padding does not change them.
     logprobs = response_logprobs(model, plain, 1.0)
-    torch.testing.assert_close(merged.logprobs, logprobs * merged.response_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged.logprobs, logprobs * merged.response_mask, atol=1e-4, rtol=0)
     single = response_logprobs(model, alone, 1.0)
     torch.testing.assert_close(single[0], logprobs[1, : single.shape[1]], atol=1e-5, rtol=0)
 

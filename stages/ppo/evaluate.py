@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from stages.ppo import rl
 from stages.ppo.models import Models
-from stages.ppo.rollout import left_pad, merged_lora, response_logits, sample
+from stages.ppo.rollout import generation_weights, left_pad, response_logits, sample
 
 
 @dataclass
@@ -56,7 +56,7 @@ def evaluate(
     for start in range(0, len(mine), how.batch_size):
         chunk = mine[start : start + how.batch_size]
         query, query_mask = left_pad([prompts[i] for i in chunk], how.pad_id, acc.device)
-        with merged_lora(models.policy_model):
+        with generation_weights(models.policy_model):
             seq = sample(models.policy_model, query, query_mask, generator=policy_gen, **settings)
         logits = response_logits(models.policy_model, seq, kl_temperature)
         with models.as_reference() as reference:

@@ -3,7 +3,7 @@
 With LoRA (the default) there are two trunks in memory, not four:
 
 - the SFT trunk carries the policy's fresh adapter; with the adapter disabled (peft's `disable_adapter()`)
-  it is the frozen reference, and with the adapter merged it generates (rollout.merged_lora);
+  it is the frozen reference, and with the adapter merged it generates (rollout.generation_weights);
 - the reward model's trunk carries the critic's adapter and trainable copy of the score head
   (InstructGPT initialises the value model from the reward model); with the adapter disabled it is the
   frozen reward model, original head included.

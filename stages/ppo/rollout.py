@@ -7,7 +7,8 @@ update log-probs), so the log-probs are those of the distribution the tokens wer
 
 Generation runs our own decode loop rather than `generate`: it draws from an explicit `torch.Generator`
 (saved in checkpoints, so a resumed run samples the same tokens), stops as soon as every row has ended,
-and skips `generate`'s per-step logits processors. With LoRA it runs on merged weights (`merged_lora`).
+and skips `generate`'s per-step logits processors. It runs on merged LoRA weights, pre-packed for the
+CPU's matmul library there (`generation_weights`).
 """
 
 from __future__ import annotations
@@ -157,36 +158,76 @@ def pick(scaled_logits: Tensor, temperature: float, generator: torch.Generator |
     return torch.multinomial(torch.softmax(scaled_logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
-@contextmanager
-def merged_lora(model: nn.Module) -> Iterator[None]:
-    """Run a LoRA model on merged weights W + BA (no adapter matmuls per token); a no-op without LoRA.
+class PackedLinear(nn.Module):
+    """A read-only linear layer whose weight oneDNN has pre-packed for CPU inference (as torch.compile does).
 
-    Unlike peft's merge_adapter()/unmerge_adapter(), the base weights come back bit for bit: the merged
-    matrix is a new tensor swapped in for the duration, never W + BA - BA, whose rounding would slowly
-    drift the frozen reference the KL penalty is measured against (and break exact resume). The price is
-    one extra copy of the adapted weight matrices while generating.
+    At the few rows of a decode step a plain fp32 matmul streams its weight at a fraction of the memory
+    bandwidth; the packed layout makes the whole decode step about twice as fast on CPU.
     """
-    if not isinstance(model, PeftModel):
-        yield
-        return
-    swapped: list[tuple[nn.Parameter, Tensor]] = []
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows_hint: int):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=rows_hint)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packable(model: nn.Module) -> bool:
+    weight = next(model.parameters())
+    return (
+        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    )
+
+
+@contextmanager
+def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[None]:
+    """Run the model in its fastest form for generation; afterwards it is exactly as before.
+
+    With LoRA, every adapted layer runs on the merged matrix W + BA (no adapter matmuls per token). Unlike
+    peft's merge_adapter()/unmerge_adapter(), nothing is ever subtracted back: W + BA - BA would round
+    differently from W and slowly drift the frozen reference the KL penalty is measured against (and
+    break exact resume). On CPU every linear layer is moreover swapped for a PackedLinear. Either way the
+    price is one extra copy of the linear weights while generating; the originals are restored untouched.
+    """
+    lora_layers = (
+        [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
+    )
+    pack = packable(model)
+    swaps: list[tuple[object, str, object]] = []  # (owner, attribute, original value), undone in reverse
+
+    def swap(owner: object, attribute: str, value: object) -> None:
+        swaps.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
     try:
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer) and not module.merged:
-                    weight = module.get_base_layer().weight
-                    delta = sum(
-                        module.get_delta_weight(name)
-                        for name in module.active_adapters
-                        if name in module.lora_A
-                    )
-                    swapped.append((weight, weight.data))
-                    weight.data = weight.data + delta.to(weight.dtype)
-        with model.disable_adapter():
+            owned = {id(sub) for layer in lora_layers for sub in layer.modules()}
+            plain = [
+                (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in owned
+            ]
+            for layer in lora_layers:
+                base = layer.get_base_layer()
+                adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+                merged = base.weight + sum(layer.get_delta_weight(name) for name in adapters).to(
+                    base.weight.dtype
+                )
+                if pack:
+                    swap(layer, "base_layer", PackedLinear(merged, base.bias, rows_hint))
+                else:
+                    swap(base.weight, "data", merged)
+            for name, linear in plain if pack else []:
+                parent, _, child = name.rpartition(".")
+                swap(model.get_submodule(parent), child, PackedLinear(linear.weight, linear.bias, rows_hint))
+        if lora_layers:
+            with model.disable_adapter():
+                yield
+        else:
             yield
     finally:
-        for weight, original in swapped:
-            weight.data = original
+        for owner, attribute, original in reversed(swaps):
+            setattr(owner, attribute, original)
 
 
 def response_logits(model: nn.Module, seq: Sequences, temperature: float) -> Tensor:

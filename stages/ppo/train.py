@@ -36,8 +36,8 @@ from stages.ppo.evaluate import EvalSettings, evaluate
 from stages.ppo.models import Loaded, Models, build_models
 from stages.ppo.rollout import (
     Sequences,
+    generation_weights,
     left_pad,
-    merged_lora,
     position_ids,
     response_logits,
     response_logprobs,
@@ -303,7 +303,7 @@ class Trainer:
         mine = batch[acc.process_index :: acc.num_processes]
         query, query_mask = left_pad([self.prompts[i] for i in mine], self.pad_id, acc.device)
         policy = self.models.policy_model
-        with merged_lora(policy):
+        with generation_weights(policy):
             seq = sample(
                 policy, query, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 stop_ids=self.stop_ids, pad_id=self.pad_id, generator=self.generator,
