@@ -152,10 +152,17 @@ def sample(
 
 
 def pick(scaled_logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """A token per row from logits already divided by the temperature (greedy at temperature 0)."""
+    """A token per row from logits already divided by the temperature (greedy at temperature 0).
+
+    Inverse-CDF sampling draws one uniform number per row; torch.multinomial draws one per vocabulary
+    entry, which at a 50k vocabulary costs more than a decode step's attention.
+    """
     if temperature == 0:
         return scaled_logits.argmax(-1)
-    return torch.multinomial(torch.softmax(scaled_logits, dim=-1), 1, generator=generator).squeeze(1)
+    cdf = torch.softmax(scaled_logits, dim=-1).double().cumsum(-1)  # double: no drift over 50k terms
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # side="right": the first entry whose cumulative mass exceeds u, never a zero-probability token.
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(1)
 
 
 class PackedLinear(nn.Module):
