@@ -9,10 +9,18 @@ import pytest
 import torch
 from conftest import accelerate_launch
 from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, write_config
+from safetensors.torch import load_file
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_completion
 from pipeline.config import load_config
-from pipeline.models import LoraSettings, apply_lora, load_causal_lm, load_reward_model, resolve_model
+from pipeline.models import (
+    LoraSettings,
+    apply_lora,
+    load_causal_lm,
+    load_reward_model,
+    read_card,
+    resolve_model,
+)
 from stages.ppo.rollout import (
     Sequences,
     TokenValues,
@@ -181,6 +189,20 @@ def test_full_finetuning_with_ptx_adaptive_kl_and_policy_value_init(store, publi
     assert any((Path(cfg.output_dir) / cfg.run_name / "tensorboard").iterdir())
     assert (Path(artifact.uri) / "model.safetensors").is_file()  # full weights, no adapter
     load_causal_lm(resolve_model(artifact.id, store), store)
+
+
+def test_value_head_on_the_reward_trunk(store, published, tmp_path):
+    _, reward_id = published
+    overrides = ["--steps", "3", "--critic", "head", "--eval_prompts", "null"]
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
+    folder = Path(run(cfg, store).uri) / "value"
+    card = read_card(folder)
+    assert card["kind"] == "value_head" and card["trunk"] == reward_id
+    head = load_file(str(folder / "value_head.safetensors"))["weight"]
+    rm = load_reward_model(resolve_model(reward_id, store), store)
+    assert head.shape == rm.score.weight.shape and not torch.equal(
+        head, rm.score.weight
+    )  # trained from the RM's
 
 
 def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):

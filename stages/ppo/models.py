@@ -10,6 +10,11 @@ With LoRA (the default) there are two trunks in memory, not four:
 
 Without LoRA the reference and the reward model are separate frozen copies. With `value_init: policy`
 the critic is the SFT trunk with a zero score head (a second copy), and the reward model stands alone.
+
+With `critic: head` the value model has no trunk of its own: a trainable linear head (initialised as
+the reward head) reads the frozen reward model's hidden states, which the scoring pass computes anyway.
+The value model then costs no forward or backward pass at all, for a value function limited to a
+linear read-out of the reward model's features.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pipeline.models import (
     training_dtype,
 )
 from pipeline.store import ArtifactStore
-from stages.ppo.rollout import Sequences, TokenValues, hf_model, last_token_scores
+from stages.ppo.rollout import Sequences, TokenValues, ValueHead, hf_model, last_token
 
 
 @dataclass
@@ -50,8 +55,8 @@ class Models:
     """The value model for gradient steps (TokenValues, wrapped like the policy)."""
     policy_model: nn.Module
     """The unwrapped policy: generation and no-grad scoring use it."""
-    critic_model: TokenValues
-    """The unwrapped value model."""
+    critic_model: TokenValues | ValueHead
+    """The unwrapped value model: a trunk with a head, or a head on the reward model's hidden states."""
     reference: nn.Module | None
     """A frozen SFT copy, or None: the policy with its adapter disabled."""
     reward: TokenValues | None
@@ -73,11 +78,24 @@ class Models:
             with self.critic_model.classifier.disable_adapter():
                 yield self.critic_model
 
+    @property
+    def critic_reads_reward(self) -> bool:
+        """The value model is a head on the reward model's hidden states (critic: head)."""
+        return isinstance(self.critic_model, ValueHead)
+
     @torch.no_grad()
-    def score(self, seq: Sequences, clip: float, missing_eos_penalty: float | None) -> Tensor:
-        """Standardised reward-model scores [B], clipped to +-clip, minus the penalty for a missing stop."""
+    def score(
+        self, seq: Sequences, clip: float, missing_eos_penalty: float | None, hidden: Tensor | None = None
+    ) -> Tensor:
+        """Standardised reward-model scores [B], clipped to +-clip, minus the penalty for a missing stop.
+
+        `hidden`: the reward trunk's hidden states for `seq`, when the caller has them already.
+        """
         with self.as_reward() as reward:
-            scores = last_token_scores(reward, seq).clamp(-clip, clip)
+            per_position = (
+                reward(seq.input_ids, seq.attention_mask) if hidden is None else reward.head(hidden)
+            )
+            scores = last_token(per_position, seq).clamp(-clip, clip)
         if missing_eos_penalty is not None:
             scores = scores - missing_eos_penalty * (~seq.ended).float()
         return scores
@@ -88,7 +106,7 @@ class Loaded:
     """What build_models loads, before Accelerate wraps the trained parts."""
 
     policy: nn.Module
-    critic: TokenValues
+    critic: TokenValues | ValueHead
     reference: nn.Module | None
     reward: TokenValues | None
     sft: ResolvedModel
@@ -107,6 +125,7 @@ def build_models(
     tokenizer: PreTrainedTokenizerBase,
     lora: LoraSettings,
     value_init: str,
+    critic_kind: str,
     device: torch.device,
 ) -> Loaded:
     dtype = training_dtype(device)
@@ -123,7 +142,10 @@ def build_models(
     std = float(reward_source.card.get("reward_std", 1.0)) or 1.0
     rm = load_reward_model(reward_source, store, dtype)
     rm.config.pad_token_id = tokenizer.pad_token_id
-    if value_init == "reward":
+    if critic_kind == "head":
+        reward = frozen(TokenValues(rm, mean, std))
+        critic = ValueHead(hf_model(rm).score.weight.detach(), mean, std)
+    elif value_init == "reward":
         reward = None if lora.enabled else frozen(TokenValues(copy.deepcopy(rm), mean, std))
         critic = TokenValues(apply_lora(rm, lora, task_type="SEQ_CLS"), mean, std)
     else:

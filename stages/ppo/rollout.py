@@ -262,7 +262,7 @@ class TokenValues(nn.Module):
 
     The critic is a reward model (InstructGPT) or the policy's trunk with a new head; reading the head at
     every position gives V(prefix), and at the last response token it is the reward model's score.
-    `scale` maps the head's raw output into standardised reward units ((x - mean) / std).
+    Outputs are in standardised reward units, (raw - mean) / std.
     """
 
     def __init__(self, classifier: nn.Module, mean: float = 0.0, std: float = 1.0):
@@ -270,25 +270,56 @@ class TokenValues(nn.Module):
         self.classifier = classifier
         self.mean, self.std = mean, std
 
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The trunk's last hidden states [B, L, H]."""
+        return (
+            hf_model(self.classifier)
+            .base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+            )
+            .last_hidden_state
+        )
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return (hf_model(self.classifier).score(hidden).squeeze(-1).float() - self.mean) / self.std
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        model = hf_model(self.classifier)
-        hidden = model.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        return (model.score(hidden).squeeze(-1).float() - self.mean) / self.std
+        return self.head(self.hidden(input_ids, attention_mask))
+
+
+class ValueHead(nn.Module):
+    """A trainable linear value read-out of a frozen trunk's hidden states, in standardised reward units."""
+
+    def __init__(self, weight: Tensor, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.score = nn.Linear(weight.shape[1], 1, bias=False, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.score.weight.copy_(weight)
+        self.mean, self.std = mean, std
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return (self.score(hidden).squeeze(-1).float() - self.mean) / self.std
+
+
+def response_slice(per_position: Tensor, seq: Sequences) -> Tensor:
+    """The entries at the positions that predict each response token (the state before it): [B, R, ...]."""
+    return per_position[:, seq.query.shape[1] - 1 : -1]
+
+
+def last_token(per_position: Tensor, seq: Sequences) -> Tensor:
+    """The entry at each response's last kept token (its stop token when it has one): [B, ...]."""
+    last = seq.query.shape[1] + (seq.response_mask.sum(-1).long() - 1).clamp(min=0)
+    return per_position[torch.arange(per_position.shape[0], device=per_position.device), last]
 
 
 def response_values(critic: nn.Module, seq: Sequences) -> Tensor:
-    """V at the positions that predict each response token (the state before the token): [B, R]."""
-    values = critic(seq.input_ids, seq.attention_mask)
-    return values[:, seq.query.shape[1] - 1 : -1]
+    """V(prefix) before each response token: [B, R]."""
+    return response_slice(critic(seq.input_ids, seq.attention_mask), seq)
 
 
 def last_token_scores(scorer: nn.Module, seq: Sequences) -> Tensor:
-    """The score head's output at each response's last kept token (its stop token when it has one): [B]."""
-    values = scorer(seq.input_ids, seq.attention_mask)
-    last = seq.query.shape[1] + (seq.response_mask.sum(-1).long() - 1).clamp(min=0)
-    return values[torch.arange(values.shape[0], device=values.device), last]
+    """The score head's output at each response's last kept token: [B]."""
+    return last_token(scorer(seq.input_ids, seq.attention_mask), seq)

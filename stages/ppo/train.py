@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
@@ -41,6 +42,7 @@ from stages.ppo.rollout import (
     position_ids,
     response_logits,
     response_logprobs,
+    response_slice,
     response_values,
     sample,
 )
@@ -66,6 +68,9 @@ class Config:
     """LoRA adapters on the policy and the value model; `enabled: false` trains every weight."""
     value_init: Literal["reward", "policy"] = "reward"
     """Value model trunk and head: the reward model's (InstructGPT) or the policy's with a zero head."""
+    critic: Literal["trunk", "head"] = "trunk"
+    """Value model: a trained trunk + head (`lora` applies), or a trained head on the frozen reward model's
+    hidden states (no forward or backward pass of its own: steps about twice as fast, a less flexible V)."""
     steps: int = 100
     """PPO steps (rollout + update) to run."""
     batch_size: int = 16
@@ -176,6 +181,10 @@ class Config:
             raise ValueError("lam must be in [0, 1] and gamma in (0, 1]")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
+        if self.critic == "head" and self.value_init != "reward":
+            raise ValueError(
+                "critic: head reads the reward model's hidden states, so it needs value_init: reward"
+            )
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -245,6 +254,8 @@ class Experience:
     """k1 per token: the KL that is logged and that the adaptive controller steers."""
     advantages: Tensor
     returns: Tensor
+    features: Tensor | None = None
+    """[B, R, H] the reward trunk's hidden states the value head reads (critic: head), else None."""
 
     def select(self, index: Tensor) -> Experience:
         """Rows `index`, without the columns that are padding in every selected row."""
@@ -257,7 +268,8 @@ class Experience:
         )  # fmt: skip
         cut = [t[index][:, :width] for t in (self.ref_logprobs, self.values)]
         rest = [t[index][:, :width] for t in (self.kl, self.advantages, self.returns)]
-        return Experience(seq, *cut, self.scores[index], *rest)
+        features = None if self.features is None else self.features[index][:, :width]
+        return Experience(seq, *cut, self.scores[index], *rest, features)
 
 
 @torch.no_grad()
@@ -265,16 +277,24 @@ def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experie
     """Reference log-probs, values, scores, then KL-shaped rewards and (whitened) GAE advantages."""
     with models.as_reference() as reference:
         ref_logprobs = response_logprobs(reference, seq, cfg.temperature)
-    values = response_values(models.critic_model, seq) * seq.response_mask
-    scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty)
+    features = None
+    if models.critic_reads_reward:  # one reward-trunk pass gives both the score and the value features
+        hidden = models.reward.hidden(seq.input_ids, seq.attention_mask)
+        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, hidden=hidden)
+        features = response_slice(hidden, seq)
+        values = models.critic_model(features)
+    else:
+        values = response_values(models.critic_model, seq)
+        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty)
     mask = seq.response_mask
+    values = values * mask
     penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = rl.shaped_rewards(scores, penalty, mask, beta)
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     kl = rl.kl_k1(seq.logprobs, ref_logprobs) * mask
-    return Experience(seq, ref_logprobs, values, scores, kl, advantages, returns)
+    return Experience(seq, ref_logprobs, values, scores, kl, advantages, returns, features)
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -350,7 +370,10 @@ class Trainer:
                     acc.backward(loss)
                 self.optimizer_step(models.policy, "policy")
 
-                values = response_values(models.critic, part.seq)
+                if part.features is None:
+                    values = response_values(models.critic, part.seq)
+                else:
+                    values = models.critic(part.features)
                 value_loss, value_clip = rl.clipped_value_loss(
                     values, part.values, part.returns, mask, cfg.value_clip_range
                 )
@@ -413,7 +436,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     resume_from = resolve_resume(cfg.resume, run_dir)
 
     tokenizer = load_tokenizer(resolve_model(cfg.policy, store).path)
-    loaded = build_models(cfg.policy, cfg.reward, store, tokenizer, cfg.lora, cfg.value_init, acc.device)
+    loaded = build_models(
+        cfg.policy, cfg.reward, store, tokenizer, cfg.lora, cfg.value_init, cfg.critic, acc.device
+    )
     records, prompts = load_prompts(cfg.prompts, tokenizer, cfg)
     eval_prompts = (
         load_prompts(cfg.eval_prompts, tokenizer, cfg, cfg.eval_limit)[1] if cfg.eval_prompts else []
@@ -557,8 +582,7 @@ def publish(
 ) -> Artifact | None:  # fmt: skip
     """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside.
 
-    Both models load with pipeline.models: the policy as SFT + merged adapter (load_causal_lm), the value
-    model as a one-output sequence classifier (load_reward_model; its card's reward_mean/std give units).
+    The policy loads with pipeline.models.load_causal_lm (SFT + merged adapter); see save_value_model.
     """
     artifact = None
     if acc.is_main_process:
@@ -575,16 +599,7 @@ def publish(
                 out,
                 {"kind": "causal_lm"} | ({"adapter_base": source(loaded.sft)} if cfg.lora.enabled else {}),
             )
-            models.critic_model.classifier.save_pretrained(out / "value")
-            card = {
-                "kind": "reward",
-                "value_model": True,
-                "reward_mean": models.critic_model.mean,
-                "reward_std": models.critic_model.std,
-            }
-            write_card(
-                out / "value", card | ({"adapter_base": source(value_base)} if cfg.lora.enabled else {})
-            )
+            save_value_model(models, cfg, source(value_base), out / "value")
             for name, rows in (("metrics.jsonl", state["history"]), ("samples.jsonl", state["samples"])):
                 (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
             inputs = [
@@ -611,3 +626,20 @@ def publish(
             )
     acc.wait_for_everyone()
     return artifact
+
+
+def save_value_model(models: Models, cfg: Config, base: str, folder: Path) -> None:
+    """A trunk critic loads with pipeline.models.load_reward_model (one-output classifier, adapter merged);
+    a head critic is value_head.safetensors over the trunk its card names. Either card gives the units."""
+    critic = models.critic_model
+    card = {"value_model": True, "reward_mean": critic.mean, "reward_std": critic.std}
+    if models.critic_reads_reward:
+        folder.mkdir()
+        save_file(
+            {"weight": critic.score.weight.detach().cpu().contiguous()},
+            str(folder / "value_head.safetensors"),
+        )
+        write_card(folder, card | {"kind": "value_head", "trunk": base})
+    else:
+        critic.classifier.save_pretrained(folder)
+        write_card(folder, card | {"kind": "reward"} | ({"adapter_base": base} if cfg.lora.enabled else {}))
