@@ -131,7 +131,8 @@ def prepare(args, work: Path) -> dict:
         "eval_ids": [prompt_ids(tokenizer, r["prompt"])[-args.max_prompt_length :] for r in evals],
         "steps": args.steps, "batch": args.batch, "mini_batch": args.mini_batch, "epochs": args.epochs,
         "response_length": args.response_length, "learning_rate": args.learning_rate, "kl_coef": args.kl_coef,
-        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads,
+        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads, "critic": args.critic,
+        "max_prompt_length": args.max_prompt_length,
     }  # fmt: skip
     (work / "setup.json").write_text(json.dumps(setup))
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
@@ -159,8 +160,9 @@ def side_ours(work: Path) -> dict:
         "policy": str(work / "policy"), "reward": str(work / "reward"), "prompts": str(work / "prompts.jsonl"),
         "eval_prompts": None, "store": str(work / "store"), "output_dir": str(work / "runs"), "run_name": "ours",
         "steps": s["steps"], "batch_size": s["batch"], "mini_batch_size": s["mini_batch"], "ppo_epochs": s["epochs"],
-        "max_new_tokens": s["response_length"], "max_prompt_length": 10_000, "learning_rate": s["learning_rate"],
-        "value_learning_rate": s["learning_rate"], "kl_coef": s["kl_coef"], "lora.r": s["lora_r"],
+        "max_new_tokens": s["response_length"], "max_prompt_length": s["max_prompt_length"], "critic": s["critic"],
+        "learning_rate": s["learning_rate"], "value_learning_rate": s["learning_rate"], "kl_coef": s["kl_coef"],
+        "lora.r": s["lora_r"],
         "lora.alpha": 2 * s["lora_r"], "seed": s["seed"], "report_to": "none", "progress": False,
         "sample_every": 0, "checkpoint_every": 0, "reward_clip": 1e6,
     }  # fmt: skip
@@ -274,6 +276,12 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--critic",
+        choices=["trunk", "head"],
+        default="trunk",
+        help="our value model (TRL always trains a trunk)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--policy", help="model source for the policy (default: sft:latest, else the embedded model)"
@@ -290,6 +298,9 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     trl_python = ensure_trl_venv()
     import shutil
 
@@ -298,7 +309,7 @@ def main() -> None:
     setup = prepare(args, work)
     print(f"policy {setup['policy_ref']}; reward {setup['reward_ref']}; {args.steps} steps x {args.batch} episodes, "
           f"mini-batch {args.mini_batch}, {args.epochs} PPO epochs, {args.response_length} new tokens, "
-          f"LoRA r={args.lora_r}, {args.threads} threads", flush=True)  # fmt: skip
+          f"LoRA r={args.lora_r}, {args.threads} threads, our critic: {args.critic}", flush=True)  # fmt: skip
     env = os.environ | {
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
