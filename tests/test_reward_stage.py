@@ -91,7 +91,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     demo_file = write_jsonl(root / "demos.jsonl", demos)
     args = ["reward", "--config", str(CONFIG), "--store", str(store.root), "--init", sft_id]
     args += ["--data", str(data), "--normalise_on", str(demo_file)]
-    args += ["--report_to", "tensorboard", "--logging_dir", str(root / "runs")]
+    args += ["--report_to", "tensorboard", "--output_dir", str(root / "runs")]
     assert cli_main(args) == 0
     (artifact,) = store.list("reward")
     return store, artifact, demos, root

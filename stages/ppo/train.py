@@ -30,7 +30,7 @@ from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
 from pipeline.config import to_dict
 from pipeline.datasets import load_records
 from pipeline.models import LoraSettings, load_tokenizer, resolve_model, write_card
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 from stages.ppo import rl
 from stages.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from stages.ppo.evaluate import EvalSettings, evaluate
@@ -52,7 +52,7 @@ from stages.ppo.rollout import (
 class Config:
     """Stage 3 settings; any key can be set in the YAML file or as `--key value`."""
 
-    store: str = "artifacts"
+    store: str = field(default_factory=default_store_root)
     """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
     policy: str = "sft:latest"
     """The SFT model: the starting policy and the frozen KL reference."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from pipeline.chat import Message
 from pipeline.datasets import load_records, validate_prompt
 from pipeline.models import ModelError, load_reward_model, load_tokenizer, resolve_model
-from pipeline.store import ArtifactStore
+from pipeline.store import ArtifactStore, default_store_root
 from stages.reward.scorer import RewardScorer, score_completions
 
 
@@ -38,7 +37,7 @@ class Item:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf reward score", description=__doc__.split("\n")[0])
     parser.add_argument("--artifact", required=True, help="reward artifact: id, reward:latest, or a folder")
-    parser.add_argument("--store", default=os.environ.get("RLHF_STORE", "artifacts"))
+    parser.add_argument("--store", default=default_store_root())
     parser.add_argument("--prompt", help="one user message")
     parser.add_argument("--completion", action="append", default=[], help="a reply to score (repeatable)")
     parser.add_argument("--file", help="comparisons, or JSON lines of {prompt, completion}")

@@ -45,7 +45,7 @@ from pipeline.models import (
     training_dtype,
     write_card,
 )
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 from stages.reward.groups import (
     Collator,
     DataCounts,
@@ -64,7 +64,7 @@ from stages.reward.scorer import RewardScorer
 class Config:
     """Stage 2 settings; any key can be set in the YAML file or as `--key value`."""
 
-    store: str = "artifacts"
+    store: str = field(default_factory=default_store_root)
     """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
     init: str = "sft:latest"
     """Model whose trunk the reward model starts from: an sft artifact (InstructGPT) or any model source."""
@@ -106,8 +106,8 @@ class Config:
     """Seed for the held-out split, data order and the score head's initialisation."""
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     """Where training curves go."""
-    logging_dir: str = "runs"
-    """TensorBoard events go under <logging_dir>/reward-<time>."""
+    output_dir: str = "runs"
+    """Run folder for logs (TensorBoard events under <output_dir>/reward-<time>)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -129,7 +129,7 @@ class Config:
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train the reward model and publish a `reward` artifact (main process); other processes return None."""
     accelerator = Accelerator(
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None, project_dir=cfg.logging_dir
+        log_with="tensorboard" if cfg.report_to == "tensorboard" else None, project_dir=cfg.output_dir
     )
     set_seed(cfg.seed)
     resolved = resolve_model(cfg.init, store)
