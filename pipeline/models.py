@@ -202,8 +202,21 @@ def load_reward_model(
         lm = load_causal_lm(resolved, store, dtype)
         with tempfile.TemporaryDirectory() as tmp:
             lm.save_pretrained(tmp)
-            return AutoModelForSequenceClassification.from_pretrained(tmp, num_labels=1, dtype=dtype)
-    return AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=1, dtype=dtype)
+            return sequence_classifier(tmp, dtype)
+    return sequence_classifier(resolved.path, dtype)
+
+
+def sequence_classifier(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The weights at `path` as a one-output sequence classifier: a causal LM gets a fresh score head."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers reports a fresh head as "MISSING ... consider training": expected here, and only confusing.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def match_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
