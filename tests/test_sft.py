@@ -189,7 +189,9 @@ def test_sft_lora_artifact_reloads_with_merged_adapter(tmp_path, tiny_model_dir,
         report_to="tensorboard",
     )
     artifact = run(cfg, store)
-    assert list((tmp_path / "runs").rglob("events.out.tfevents.*")), "TensorBoard is the default logger"
+    events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard is the default logger"
+    assert {e.parent.parent for e in events} == {tmp_path / "runs"}, "one folder per run: runs/sft-<time>"
     files = set(artifact.manifest["files"])
     assert "adapter_config.json" in files and "rlhf_model.json" in files and "model.safetensors" not in files
     merged = load_causal_lm(resolve_model("sft:latest", store), store)
@@ -221,6 +223,7 @@ def test_two_processes_publish_once_and_match_one_process(tmp_path, tiny_model_d
     two = accelerate_launch(["sft", *common, "--store", str(tmp_path / "two"), "--batch_size", "4"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("published sft-") == 1
+    assert two.stdout.count("  train_loss: ") == 1  # the headline metrics follow, printed once
     assert cli_main(["sft", *common, "--store", str(tmp_path / "one"), "--batch_size", "8"]) == 0
 
     from pipeline.store import ArtifactStore

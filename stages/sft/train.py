@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, set_seed
+from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.chat import tokenize_conversation
@@ -199,6 +200,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         eval_dataset=eval_set if len(eval_set) else None,
         processing_class=tokenizer,
     )
+    write_tensorboard_to(trainer, run_dir)
     eval_before = trainer.evaluate()["eval_loss"] if len(eval_set) else None
     result = trainer.train()
     metrics: dict[str, Any] = {
@@ -224,6 +226,17 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     return publish(
         trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, store, inputs, metrics, source
     )
+
+
+def write_tensorboard_to(trainer: SFTTrainer, folder: Path) -> None:
+    """All of a run's TensorBoard events in its run folder.
+
+    transformers picks the folder when training begins, so the evaluation before training would open a
+    writer on its default, ./runs/<date>, and the run's curves would be split over two folders.
+    """
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder)
 
 
 def publish(model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics, source) -> Artifact:
