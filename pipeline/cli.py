@@ -69,6 +69,7 @@ def is_user_error(err: Exception) -> bool:
 
 
 def run_stage(name: str, argv: list[str]) -> int:
+    from pipeline.artifacts_view import format_value
     from pipeline.store import ArtifactStore
 
     parser = argparse.ArgumentParser(prog=f"rlhf {name}", description=f"Run the {name} stage.")
@@ -79,6 +80,10 @@ def run_stage(name: str, argv: list[str]) -> int:
     artifact = module.run(cfg, ArtifactStore(cfg.store))
     if artifact is not None:
         print(f"published {artifact.id}")
+        # The headline figures, so a finished job says whether it worked without a second command.
+        for metric, value in artifact.metrics.items():
+            if isinstance(value, (int, float)):
+                print(f"  {metric}: {format_value(value)}")
     return 0
 
 
