@@ -131,7 +131,7 @@ def prepare(args, work: Path) -> dict:
         "eval_ids": [prompt_ids(tokenizer, r["prompt"])[-args.max_prompt_length :] for r in evals],
         "steps": args.steps, "batch": args.batch, "mini_batch": args.mini_batch, "epochs": args.epochs,
         "response_length": args.response_length, "learning_rate": args.learning_rate, "kl_coef": args.kl_coef,
-        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads, "critic": args.critic,
+        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads,
         "max_prompt_length": args.max_prompt_length,
     }  # fmt: skip
     (work / "setup.json").write_text(json.dumps(setup))
@@ -146,7 +146,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def side_ours(work: Path) -> dict:
+def side_ours(work: Path, critic: str) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -158,9 +158,9 @@ def side_ours(work: Path) -> dict:
     torch.set_num_threads(s["threads"])
     overrides = {
         "policy": str(work / "policy"), "reward": str(work / "reward"), "prompts": str(work / "prompts.jsonl"),
-        "eval_prompts": None, "store": str(work / "store"), "output_dir": str(work / "runs"), "run_name": "ours",
+        "eval_prompts": None, "store": str(work / "store"), "output_dir": str(work / "runs"), "run_name": f"ours-{critic}",
         "steps": s["steps"], "batch_size": s["batch"], "mini_batch_size": s["mini_batch"], "ppo_epochs": s["epochs"],
-        "max_new_tokens": s["response_length"], "max_prompt_length": s["max_prompt_length"], "critic": s["critic"],
+        "max_new_tokens": s["response_length"], "max_prompt_length": s["max_prompt_length"], "critic": critic,
         "learning_rate": s["learning_rate"], "value_learning_rate": s["learning_rate"], "kl_coef": s["kl_coef"],
         "lora.r": s["lora_r"],
         "lora.alpha": 2 * s["lora_r"], "seed": s["seed"], "report_to": "none", "progress": False,
@@ -277,11 +277,13 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--critic",
+        "--critics",
+        nargs="+",
         choices=["trunk", "head"],
-        default="trunk",
-        help="our value model (TRL always trains a trunk)",
+        default=["trunk", "head"],
+        help="our value model(s) to run (TRL always trains a trunk); the last line reports the first",
     )
+    parser.add_argument("--critic", choices=["trunk", "head"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--policy", help="model source for the policy (default: sft:latest, else the embedded model)"
@@ -294,7 +296,7 @@ def main() -> None:
     work = Path(args.work)
 
     if args.side:  # a child process: run one side, print its result as JSON on the last line
-        result = side_ours(work) if args.side == "ours" else side_trl(work)
+        result = side_ours(work, args.critic) if args.side == "ours" else side_trl(work)
         print(json.dumps(result), flush=True)
         return
 
@@ -309,16 +311,17 @@ def main() -> None:
     setup = prepare(args, work)
     print(f"policy {setup['policy_ref']}; reward {setup['reward_ref']}; {args.steps} steps x {args.batch} episodes, "
           f"mini-batch {args.mini_batch}, {args.epochs} PPO epochs, {args.response_length} new tokens, "
-          f"LoRA r={args.lora_r}, {args.threads} threads, our critic: {args.critic}", flush=True)  # fmt: skip
+          f"LoRA r={args.lora_r}, {args.threads} threads", flush=True)  # fmt: skip
     env = os.environ | {
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(args.threads),
     }
     results = {}
-    for side, python in (("ours", sys.executable), ("trl", trl_python)):
+    sides = [(f"ours-{c}", sys.executable, ["--side", "ours", "--critic", c]) for c in args.critics]
+    for side, python, flags in [*sides, ("trl", trl_python, ["--side", "trl"])]:
         done = subprocess.run(
-            [str(python), __file__, "--side", side, "--work", str(work)],
+            [str(python), __file__, *flags, "--work", str(work)],
             capture_output=True,
             text=True,
             env=env,
@@ -335,16 +338,20 @@ def main() -> None:
         results[side]["reward_after"] = mean_reward(work, setup, Path(results[side]["policy"]))
         results[side]["gain"] = results[side]["reward_after"] - before
     print(
-        f"\n{'':6} {'episodes/s':>11} {'peak RSS MB':>12} {'eval reward before':>19} {'after':>8} {'gain':>8}"
+        f"\n{'':10} {'episodes/s':>11} {'peak RSS MB':>12} {'eval reward before':>19} {'after':>8} {'gain':>8}"
     )
     for side, r in results.items():
-        print(f"{side:6} {r['episodes'] / r['seconds']:>11.3f} {r['peak_rss_mb']:>12.0f} {before:>19.3f} "
+        print(f"{side:10} {r['episodes'] / r['seconds']:>11.3f} {r['peak_rss_mb']:>12.0f} {before:>19.3f} "
               f"{r['reward_after']:>8.3f} {r['gain']:>+8.3f}")  # fmt: skip
-    ours, trl = results["ours"], results["trl"]
-    print(f"memory: ours/TRL {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}; reward gain ours {ours['gain']:+.3f}, "
-          f"TRL {trl['gain']:+.3f}")  # fmt: skip
-    speedup = (ours["episodes"] / ours["seconds"]) / (trl["episodes"] / trl["seconds"])
-    print(f"speedup: {speedup:.2f}")
+    trl = results["trl"]
+    speedups = {}
+    for critic in args.critics:
+        ours = results[f"ours-{critic}"]
+        speedups[critic] = (ours["episodes"] / ours["seconds"]) / (trl["episodes"] / trl["seconds"])
+        print(f"critic={critic}: speedup {speedups[critic]:.2f}, memory ours/TRL "
+              f"{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}, reward gain ours {ours['gain']:+.3f} "
+              f"vs TRL {trl['gain']:+.3f}")  # fmt: skip
+    print(f"speedup: {speedups[args.critics[0]]:.2f}")
 
 
 if __name__ == "__main__":
