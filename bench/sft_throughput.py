@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,7 +43,7 @@ from pipeline.models import (  # noqa: E402
 )
 from pipeline.packed_attention import use_packed_attention  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
-from stages.sft.train import tokenize_dataset  # noqa: E402
+from stages.sft.train import AssistantLossTrainer, tokenize_dataset  # noqa: E402
 
 SHARED = Path(os.environ.get("RLHF_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -106,7 +106,7 @@ def one_run(model_dir, store, tokenizer, dataset, *, lora: bool, padding_free: b
             dataloader_pin_memory=False,
             train_sampling_strategy="sequential",  # both layouts see the same conversations in the same order
         )
-        trainer = SFTTrainer(
+        trainer = AssistantLossTrainer(  # as stages/sft trains
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer]
         )
         trainer.train()

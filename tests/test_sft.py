@@ -124,6 +124,43 @@ def test_padding_free_row_gives_the_padded_batch_loss_and_gradients(
     assert attention != PACKED_SDPA or "cu_seq_lens_q" in packed
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_assistant_loss_equals_trl_loss_and_gradients(tmp_path, tiny_model_dir, tiny_tokenizer, padding_free):
+    """Our one-pass loss over labelled positions against TRL's tiled one, on the same weights and batch."""
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.models import ResolvedModel
+    from stages.sft.train import AssistantLossTrainer
+
+    dataset, _ = tokenize_dataset(
+        [{"messages": DIALOGUE}, {"messages": DIALOGUE[1:3]}, {"messages": DIALOGUE[:3]}], tiny_tokenizer, 512
+    )
+    collate = DataCollatorForLanguageModeling(tiny_tokenizer.pad_token_id, padding_free=padding_free)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    results = []
+    for trainer_class in (SFTTrainer, AssistantLossTrainer):
+        model = load_causal_lm(ResolvedModel(str(tiny_model_dir), {}, {}), store=None)
+        args = SFTConfig(
+            output_dir=str(tmp_path), report_to=[], padding_free=padding_free, max_length=None, bf16=False
+        )
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer
+        )
+        # A count larger than this batch's, as under gradient accumulation: both must divide by it.
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(2 * labelled))
+        loss.backward()
+        accuracy = trainer._metrics["train"]["mean_token_accuracy"]
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], accuracy))
+    (trl_loss, trl_grads, trl_accuracy), (our_loss, our_grads, our_accuracy) = results
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-6)
+    assert our_loss > 0
+    for ours, theirs in zip(our_grads, trl_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+    assert our_accuracy == pytest.approx(trl_accuracy)
+
+
 def tiny_config(tmp_path, model_dir, **overrides) -> Config:
     values = dict(
         store=str(tmp_path / "store"),
