@@ -248,13 +248,13 @@ def mean_reward(work: Path, setup: dict, adapter: Path | None) -> float:
     )
     scores = []
     generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad(), generation_weights(policy):
+    with torch.no_grad(), generation_weights(policy) as decoder:
         for start in range(0, len(setup["eval_ids"]), 16):
             query, mask = left_pad(
                 setup["eval_ids"][start : start + 16], tokenizer.pad_token_id, torch.device("cpu")
             )
             seq = sample(
-                policy, query, mask, max_new_tokens=setup["response_length"], temperature=1.0,
+                decoder, query, mask, max_new_tokens=setup["response_length"], temperature=1.0,
                 stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
             )  # fmt: skip
             scores += last_token_scores(TokenValues(rm), seq).tolist()

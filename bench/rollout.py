@@ -74,9 +74,9 @@ def plain_generate(model, query, mask, n: int, pad_id: int) -> None:
 
 
 def merged_sample(model, query, mask, n: int, pad_id: int) -> None:
-    with generation_weights(model):
+    with generation_weights(model) as decoder:
         seq = sample(
-            model, query, mask, max_new_tokens=n, temperature=1.0, stop_ids=[], pad_id=pad_id,
+            decoder, query, mask, max_new_tokens=n, temperature=1.0, stop_ids=[], pad_id=pad_id,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
     assert seq.response.shape[1] == n

@@ -10,6 +10,7 @@ import torch
 from conftest import accelerate_launch
 from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, write_config
 from safetensors.torch import load_file
+from torch import Tensor
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_completion
 from pipeline.config import load_config
@@ -91,8 +92,8 @@ def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_wa
         stop_ids=stop_token_ids(tiny_tokenizer),
         pad_id=tiny_tokenizer.pad_token_id,
     )
-    with generation_weights(model):
-        merged = sample(model, query, mask, generator=None, **settings)
+    with generation_weights(model) as decoder:
+        merged = sample(decoder, query, mask, generator=None, **settings)
     plain = sample(model, query, mask, generator=None, **settings)
     assert torch.equal(merged.response, plain.response)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
@@ -108,6 +109,73 @@ def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_wa
     torch.testing.assert_close(merged.logprobs, logprobs * merged.response_mask, atol=1e-4, rtol=0)
     single = response_logprobs(model, alone, 1.0)
     torch.testing.assert_close(single[0], logprobs[1, : single.shape[1]], atol=1e-5, rtol=0)
+
+
+def lora_model_with_trained_adapter(model_dir, store):
+    model = apply_lora(load_causal_lm(resolve_model(str(model_dir), store), store), LoraSettings(r=4)).eval()
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    return model
+
+
+def decode_logits(decoder, query, mask, tokens: Tensor) -> Tensor:
+    """Logits after the prompt and after each of `tokens` [B, S], fed in turn: [B, S + 1, V]."""
+    logits = [decoder.prefill(query, mask, tokens.shape[1])]
+    logits += [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("adapter", ["merged", "disabled"])
+def test_llama_decoder_gives_the_transformers_logits(store, tiny_model_dir, tiny_tokenizer, adapter):
+    """Our written-out Llama step (fused, packed, preallocated cache) against the model's own forward."""
+    from stages.ppo.decode import LlamaDecoder, TransformersDecoder
+
+    model = lora_model_with_trained_adapter(tiny_model_dir, store)
+    prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11]]  # left padding on the second row
+    query, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
+    tokens = torch.randint(3, len(tiny_tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if adapter == "disabled":  # the frozen reference: the same trunk without its adapter
+            with model.disable_adapter():
+                ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
+                theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
+        else:
+            ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
+            theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
+            with model.disable_adapter():
+                without = decode_logits(TransformersDecoder(model), query, mask, tokens)
+            assert (ours - without).abs().max() > 1e-2  # the adapter changes the logits: it was merged in
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_weights_on_other_architectures_decode_through_the_model(tmp_path, tiny_tokenizer):
+    """A model that is not a Llama (here Qwen2, with q/k/v biases) takes the generic path and agrees."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from stages.ppo.decode import TransformersDecoder
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = apply_lora(Qwen2ForCausalLM(config), LoraSettings(r=4)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU)
+    settings = dict(max_new_tokens=6, temperature=0.0, stop_ids=[], pad_id=tiny_tokenizer.pad_token_id)
+    with generation_weights(model) as decoder:
+        assert isinstance(decoder, TransformersDecoder)
+        merged = sample(decoder, query, mask, generator=None, **settings)
+    plain = sample(model, query, mask, generator=None, **settings)
+    assert torch.equal(merged.response, plain.response)
+    torch.testing.assert_close(merged.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
 
 def test_reward_scores_match_the_reward_model_on_its_training_layout(store, published, tiny_tokenizer):

@@ -56,8 +56,8 @@ def evaluate(
     for start in range(0, len(mine), how.batch_size):
         chunk = mine[start : start + how.batch_size]
         query, query_mask = left_pad([prompts[i] for i in chunk], how.pad_id, acc.device)
-        with generation_weights(models.policy_model):
-            seq = sample(models.policy_model, query, query_mask, generator=policy_gen, **settings)
+        with generation_weights(models.policy_model) as decoder:
+            seq = sample(decoder, query, query_mask, generator=policy_gen, **settings)
         logits = response_logits(models.policy_model, seq, kl_temperature)
         with models.as_reference() as reference:
             ref_logits = response_logits(reference, seq, kl_temperature)

@@ -7,13 +7,12 @@ update log-probs), so the log-probs are those of the distribution the tokens wer
 
 Generation runs our own decode loop rather than `generate`: it draws from an explicit `torch.Generator`
 (saved in checkpoints, so a resumed run samples the same tokens), stops as soon as every row has ended,
-and skips `generate`'s per-step logits processors. It runs on merged LoRA weights, pre-packed for the
-CPU's matmul library there (`generation_weights`).
+and skips `generate`'s per-step logits processors. `generation_weights` gives it the fastest decoder
+for the model (stages.ppo.decode): merged LoRA weights, pre-packed for the CPU's matmul library there.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,9 +21,20 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from stages.ppo.decode import (
+    LlamaDecoder,
+    PackedLinear,
+    TransformersDecoder,
+    effective_weight,
+    is_llama,
+    packable,
+    position_ids,
+)
 from stages.ppo.rl import logprobs_from_logits
+
+Decoder = LlamaDecoder | TransformersDecoder
 
 
 @dataclass
@@ -68,11 +78,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over real tokens; padding on the left gets 0 (it attends to nothing anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def truncate_at_stop(response: Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mask everything after the first stop token: (response with pad there, mask [B, R] float, ended [B])."""
     is_stop = torch.isin(response, torch.tensor(list(stop_ids), dtype=torch.long, device=response.device))
@@ -87,14 +92,9 @@ def hf_model(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def cache_argument(model: PreTrainedModel) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache`; the old name still works there but warns.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def sample(
-    model: nn.Module,
+    model: nn.Module | Decoder,
     query: Tensor,
     query_mask: Tensor,
     *,
@@ -106,25 +106,14 @@ def sample(
 ) -> Sequences:
     """Sample up to `max_new_tokens` per row with the KV cache; temperature 0 means greedy.
 
+    `model` is a decoder from `generation_weights`, or a model to decode through its own forward.
     The log-probs of the sampled tokens come from the same logits, as the rollout log-probs PPO's ratio
     starts from: a recomputing forward pass would cost as much as scoring the batch once more, for a
     difference of float rounding (merged vs adapter weights, cached vs full attention).
     """
-    hf = hf_model(model)
-    cache_kw = cache_argument(hf)
-    cache = DynamicCache(config=hf.config)
+    decoder = TransformersDecoder(model) if isinstance(model, nn.Module) else model
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=query.device)
-    mask = query_mask
-    positions = position_ids(mask)
-    logits = model(
-        input_ids=query,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_kw: cache},
-    ).logits[:, -1]
-    next_position = positions[:, -1:] + 1
+    logits = decoder.prefill(query, query_mask, max_new_tokens)
     finished = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
@@ -136,15 +125,7 @@ def sample(
         finished |= torch.isin(token, stops)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_position,
-            use_cache=True,
-            **{cache_kw: cache},
-        ).logits[:, -1]
-        next_position = next_position + 1
+        logits = decoder.step(token)
     response, response_mask, ended = truncate_at_stop(torch.stack(tokens, dim=1), stop_ids, pad_id)
     return Sequences(
         query, query_mask, response, response_mask, ended, torch.stack(logprobs, dim=1) * response_mask
@@ -165,43 +146,27 @@ def pick(scaled_logits: Tensor, temperature: float, generator: torch.Generator |
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(1)
 
 
-class PackedLinear(nn.Module):
-    """A read-only linear layer whose weight oneDNN has pre-packed for CPU inference (as torch.compile does).
-
-    At the few rows of a decode step a plain fp32 matmul streams its weight at a fraction of the memory
-    bandwidth; the packed layout makes the whole decode step about twice as fast on CPU.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows_hint: int):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=rows_hint)
-        self.bias = None if bias is None else bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def packable(model: nn.Module) -> bool:
-    weight = next(model.parameters())
-    return (
-        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-    )
-
-
 @contextmanager
-def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[None]:
-    """Run the model in its fastest form for generation; afterwards it is exactly as before.
+def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder]:
+    """The model in its fastest form for generation, as a decoder for `sample`; afterwards it is as before.
 
-    With LoRA, every adapted layer runs on the merged matrix W + BA (no adapter matmuls per token). Unlike
-    peft's merge_adapter()/unmerge_adapter(), nothing is ever subtracted back: W + BA - BA would round
-    differently from W and slowly drift the frozen reference the KL penalty is measured against (and
-    break exact resume). On CPU every linear layer is moreover swapped for a PackedLinear. Either way the
-    price is one extra copy of the linear weights while generating; the originals are restored untouched.
+    A Llama decodes with LlamaDecoder, built from the weights with any active LoRA adapter merged in.
+    Other models decode through their own forward, with every LoRA layer running on the merged matrix
+    W + BA (no adapter matmuls per token) and, on CPU, every linear layer swapped for a pre-packed one.
+    Unlike peft's merge_adapter()/unmerge_adapter(), nothing is ever subtracted back: W + BA - BA would
+    round differently from W and slowly drift the frozen reference the KL penalty is measured against
+    (and break exact resume). Either way the price is one extra copy of the linear weights while
+    generating; the originals stay untouched.
     """
+    if is_llama(hf_model(model)):
+        with torch.no_grad():
+            decoder = LlamaDecoder(hf_model(model), rows_hint)
+        yield decoder
+        return
     lora_layers = (
         [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
     )
-    pack = packable(model)
+    pack = packable(next(model.parameters()))
     swaps: list[tuple[object, str, object]] = []  # (owner, attribute, original value), undone in reverse
 
     def swap(owner: object, attribute: str, value: object) -> None:
@@ -215,23 +180,19 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[None]:
                 (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in owned
             ]
             for layer in lora_layers:
-                base = layer.get_base_layer()
-                adapters = [name for name in layer.active_adapters if name in layer.lora_A]
-                merged = base.weight + sum(layer.get_delta_weight(name) for name in adapters).to(
-                    base.weight.dtype
-                )
+                merged, bias = effective_weight(layer)
                 if pack:
-                    swap(layer, "base_layer", PackedLinear(merged, base.bias, rows_hint))
+                    swap(layer, "base_layer", PackedLinear(merged, bias, rows_hint))
                 else:
-                    swap(base.weight, "data", merged)
+                    swap(layer.get_base_layer().weight, "data", merged)
             for name, linear in plain if pack else []:
                 parent, _, child = name.rpartition(".")
                 swap(model.get_submodule(parent), child, PackedLinear(linear.weight, linear.bias, rows_hint))
         if lora_layers:
             with model.disable_adapter():
-                yield
+                yield TransformersDecoder(model)
         else:
-            yield
+            yield TransformersDecoder(model)
     finally:
         for owner, attribute, original in reversed(swaps):
             setattr(owner, attribute, original)

@@ -323,9 +323,9 @@ class Trainer:
         mine = batch[acc.process_index :: acc.num_processes]
         query, query_mask = left_pad([self.prompts[i] for i in mine], self.pad_id, acc.device)
         policy = self.models.policy_model
-        with generation_weights(policy):
+        with generation_weights(policy) as decoder:
             seq = sample(
-                policy, query, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                decoder, query, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 stop_ids=self.stop_ids, pad_id=self.pad_id, generator=self.generator,
             )  # fmt: skip
         return collect(self.models, seq, cfg, self.kl.beta), mine
