@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,15 +230,23 @@ def match_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> N
 
 
 def apply_lora(
-    model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM"
+    model: PreTrainedModel,
+    settings: LoraSettings,
+    task_type: str = "CAUSAL_LM",
+    layers: list[int] | None = None,
 ) -> PreTrainedModel:
-    """Wrap `model` with a fresh LoRA adapter (or return it unchanged when LoRA is off)."""
+    """Wrap `model` with a fresh LoRA adapter (or return it unchanged when LoRA is off).
+
+    `layers`: adapt only the decoder layers with these indices (default: all).
+    """
     if not settings.enabled:
         return model
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = settings.target_modules
-    if targets == ["all-linear"]:
+    if layers is not None:  # peft's layers_to_transform does not combine with "all-linear": name them
+        targets = layer_linears(model, set(layers), None if targets == ["all-linear"] else set(targets))
+    elif targets == ["all-linear"]:
         targets = "all-linear"
     config = LoraConfig(
         r=settings.r,
@@ -247,6 +256,17 @@ def apply_lora(
         task_type=task_type,
     )
     return get_peft_model(model, config)
+
+
+def layer_linears(model: torch.nn.Module, layers: set[int], kinds: set[str] | None) -> list[str]:
+    """Full names of the linear layers inside decoder layers `layers` (of the `kinds`, when given)."""
+    names = []
+    for name, module in model.named_modules():
+        index = re.search(r"\.layers\.(\d+)\.", name)
+        if isinstance(module, torch.nn.Linear) and index and int(index.group(1)) in layers:
+            if kinds is None or name.rpartition(".")[2] in kinds:
+                names.append(name)
+    return names
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -3,7 +3,8 @@
 The reward model is built by hand rather than trained, so what PPO should learn is exact and the tests
 are deterministic: it scores the share of "liked" tokens (even ids) in prompt + response. One attention
 layer with zero query/key weights averages over every real token; its value/output projections carry a
-"this token is liked" coordinate of the embedding into a residual coordinate the score head reads.
+"this token is liked" coordinate of the embedding into a residual coordinate the score head reads. A
+second layer with zero weights passes the residual stream on unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def build_liking_reward_model(tokenizer, out_dir: Path, *, strength: float = 3.0
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
         intermediate_size=2 * HIDDEN,
-        num_hidden_layers=1,
+        num_hidden_layers=2,  # the second is the identity (all zero): a layer above for critic_layers: 1
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

@@ -30,6 +30,7 @@ from stages.ppo.rollout import (
     left_pad,
     position_ids,
     response_logprobs,
+    response_values,
     sample,
     truncate_at_stop,
 )
@@ -178,6 +179,84 @@ def test_generation_weights_on_other_architectures_decode_through_the_model(tmp_
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
 
+def test_critic_on_the_top_layers_shares_the_lower_ones_with_the_reward_model(
+    store, tiny_model_dir, tiny_tokenizer
+):
+    """Values and scores computed from the shared layers' output equal full passes, before and after
+    Experience.select trims padding columns; only the top layer's adapter and the head get gradients."""
+    from pipeline.models import load_reward_model
+    from stages.ppo.train import Experience
+
+    rm = load_reward_model(resolve_model(str(tiny_model_dir), store), store)
+    critic = TokenValues(apply_lora(rm, LoraSettings(r=4), "SEQ_CLS", layers=[1]), 0.5, 2.0, shared_layers=1)
+    torch.manual_seed(0)
+    for name, param in critic.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    assert not any("layers.0." in name and "lora_" in name for name, _ in critic.named_parameters())
+    prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11], [7, 8]]
+    query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
+    response = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(1))
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float)
+    seq = Sequences(
+        query, query_mask, response, response_mask, torch.ones(3, dtype=torch.bool), torch.zeros(3, 5)
+    )
+    with torch.no_grad():
+        lower = critic.lower(seq.input_ids, seq.attention_mask)
+        real = seq.attention_mask.bool()
+        full = critic(seq.input_ids, seq.attention_mask)
+        torch.testing.assert_close(critic(seq.input_ids, seq.attention_mask, lower=lower)[real], full[real])
+        with critic.classifier.disable_adapter():  # the reward model itself, from the same shared output
+            reward = critic(seq.input_ids, seq.attention_mask)
+            torch.testing.assert_close(
+                critic(seq.input_ids, seq.attention_mask, lower=lower)[real], reward[real]
+            )
+        assert (reward - full)[real].abs().max() > 1e-3  # the top layer's adapter is live
+
+    # Rows 0 and 2 only: the long prompt's padding columns and the response columns nobody uses are cut.
+    zeros = torch.zeros(3, 5)
+    exp = Experience(seq, zeros, zeros, torch.zeros(3), zeros, zeros, zeros, None, lower)
+    part = exp.select(torch.tensor([2, 1]))
+    assert part.seq.input_ids.shape[1] < seq.input_ids.shape[1]
+    values = response_values(critic, part.seq, part.lower)
+    expected = response_values(critic, part.seq)
+    torch.testing.assert_close(values * part.seq.response_mask, expected * part.seq.response_mask)
+    (values * part.seq.response_mask).sum().backward()
+    trained = {name for name, p in critic.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("layers.1." in name or "score" in name for name in trained), trained
+
+
+def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
+    store, tiny_model_dir, tiny_tokenizer
+):
+    from stages.ppo.rollout import lower_layers, response_logits
+
+    model = apply_lora(
+        load_causal_lm(resolve_model(str(tiny_model_dir), store), store), LoraSettings(r=4), layers=[1]
+    )
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    query, query_mask = left_pad(
+        [prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU
+    )
+    response = torch.randint(3, len(tiny_tokenizer), (2, 4), generator=torch.Generator().manual_seed(1))
+    seq = Sequences(
+        query, query_mask, response, torch.ones(2, 4), torch.ones(2, dtype=torch.bool), torch.zeros(2, 4)
+    )
+    lower = lower_layers(model, 1, seq.input_ids, seq.attention_mask)
+    torch.testing.assert_close(response_logits(model, seq, 0.7, lower), response_logits(model, seq, 0.7))
+    with model.disable_adapter():  # the reference
+        reference = response_logits(model, seq, 0.7)
+        torch.testing.assert_close(response_logits(model, seq, 0.7, lower), reference)
+    assert (reference - response_logits(model, seq, 0.7)).abs().max() > 1e-3
+    adapted = {
+        name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name
+    }
+    assert adapted == {"1"}
+
+
 def test_reward_scores_match_the_reward_model_on_its_training_layout(store, published, tiny_tokenizer):
     # The RM was trained on tokenize_completion(prompt, completion): prompt ids + reply up to its end of turn.
     rm = load_reward_model(resolve_model("reward:latest", store), store).eval()
@@ -275,8 +354,9 @@ def test_value_head_on_the_reward_trunk(store, published, tmp_path):
 
 def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):
     config = write_config(
-        tmp_path / "ppo.yaml", store, steps=2, eval_limit=6, checkpoint_every=1, keep_checkpoints=1
-    )
+        tmp_path / "ppo.yaml", store, steps=2, eval_limit=6, checkpoint_every=1, keep_checkpoints=1,
+        policy_layers=1, critic_layers=1,  # the shared bottom layers under DDP
+    )  # fmt: skip
     result = accelerate_launch(["ppo", "--config", str(config)], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(store.list("ppo")) == 1

@@ -6,7 +6,9 @@ With LoRA (the default) there are two trunks in memory, not four:
   it is the frozen reference, and with the adapter merged it generates (rollout.generation_weights);
 - the reward model's trunk carries the critic's adapter and trainable copy of the score head
   (InstructGPT initialises the value model from the reward model); with the adapter disabled it is the
-  frozen reward model, original head included.
+  frozen reward model, original head included. With `critic_layers: N` the adapter covers only the top
+  N layers: the layers below are the reward model's, frozen, so one pass through them per rollout
+  serves the score, the values and every update, and the critic's passes cost N layers, not all.
 
 Without LoRA the reference and the reward model are separate frozen copies. With `value_init: policy`
 the critic is the SFT trunk with a zero score head (a second copy), and the reward model stands alone.
@@ -42,7 +44,15 @@ from pipeline.models import (
     training_dtype,
 )
 from pipeline.store import ArtifactStore
-from stages.ppo.rollout import Sequences, TokenValues, ValueHead, hf_model, last_token
+from stages.ppo.rollout import (
+    Lower,
+    Sequences,
+    TokenValues,
+    ValueHead,
+    hf_model,
+    last_token,
+    splittable,
+)
 
 
 @dataclass
@@ -61,6 +71,8 @@ class Models:
     """A frozen SFT copy, or None: the policy with its adapter disabled."""
     reward: TokenValues | None
     """A frozen reward model, or None: the critic with its adapter disabled."""
+    policy_shared_layers: int = 0
+    """Bottom policy layers without an adapter, which the reference shares (rollout.Lower)."""
 
     @contextmanager
     def as_reference(self) -> Iterator[nn.Module]:
@@ -79,21 +91,34 @@ class Models:
                 yield self.critic_model
 
     @property
+    def critic_shared_layers(self) -> int:
+        """Bottom layers the value model shares, frozen, with the reward model (TokenValues)."""
+        return getattr(self.critic_model, "shared_layers", 0)
+
+    @property
     def critic_reads_reward(self) -> bool:
         """The value model is a head on the reward model's hidden states (critic: head)."""
         return isinstance(self.critic_model, ValueHead)
 
     @torch.no_grad()
     def score(
-        self, seq: Sequences, clip: float, missing_eos_penalty: float | None, hidden: Tensor | None = None
+        self,
+        seq: Sequences,
+        clip: float,
+        missing_eos_penalty: float | None,
+        hidden: Tensor | None = None,
+        lower: Lower | None = None,
     ) -> Tensor:
         """Standardised reward-model scores [B], clipped to +-clip, minus the penalty for a missing stop.
 
-        `hidden`: the reward trunk's hidden states for `seq`, when the caller has them already.
+        `hidden`: the reward trunk's hidden states for `seq`, when the caller has them already; `lower`:
+        those of the layers the critic shares (TokenValues).
         """
         with self.as_reward() as reward:
             per_position = (
-                reward(seq.input_ids, seq.attention_mask) if hidden is None else reward.head(hidden)
+                reward(seq.input_ids, seq.attention_mask, lower=lower)
+                if hidden is None
+                else reward.head(hidden)
             )
             scores = last_token(per_position, seq).clamp(-clip, clip)
         if missing_eos_penalty is not None:
@@ -111,6 +136,7 @@ class Loaded:
     reward: TokenValues | None
     sft: ResolvedModel
     reward_source: ResolvedModel
+    policy_shared_layers: int = 0
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -127,13 +153,17 @@ def build_models(
     value_init: str,
     critic_kind: str,
     device: torch.device,
+    critic_layers: int = 0,
+    policy_layers: int = 0,
 ) -> Loaded:
+    """Load and wrap the four models; `*_layers` > 0 puts the LoRA adapter on the top layers only."""
     dtype = training_dtype(device)
     sft = resolve_model(policy_ref, store)
     policy = load_causal_lm(sft, store, dtype)
     match_vocab(policy, tokenizer)
     reference = None if lora.enabled else frozen(copy.deepcopy(policy))
-    policy = apply_lora(policy, lora)
+    policy_shared = shared_bottom(policy, policy_layers if lora.enabled else 0, "policy_layers")
+    policy = apply_lora(policy, lora, layers=adapted_layers(policy, policy_shared))
 
     reward_source = resolve_model(reward_ref, store)
     check_same_tokenizer(tokenizer, reward_source.path)
@@ -147,7 +177,10 @@ def build_models(
         critic = ValueHead(hf_model(rm).score.weight.detach(), mean, std)
     elif value_init == "reward":
         reward = None if lora.enabled else frozen(TokenValues(copy.deepcopy(rm), mean, std))
-        critic = TokenValues(apply_lora(rm, lora, task_type="SEQ_CLS"), mean, std)
+        shared = shared_bottom(rm, critic_layers if lora.enabled else 0, "critic_layers")
+        critic = TokenValues(
+            apply_lora(rm, lora, "SEQ_CLS", adapted_layers(rm, shared)), mean, std, shared_layers=shared
+        )
     else:
         reward = frozen(TokenValues(rm, mean, std))
         head = load_reward_model(sft, store, dtype)
@@ -158,7 +191,24 @@ def build_models(
         if model is not None:
             disable_dropout(model)
             model.to(device)
-    return Loaded(policy.train(), critic.train(), reference, reward, sft, reward_source)
+    return Loaded(policy.train(), critic.train(), reference, reward, sft, reward_source, policy_shared)
+
+
+def shared_bottom(model: nn.Module, top: int, key: str) -> int:
+    """How many bottom layers stay without an adapter when only the `top` ones get one (0: none)."""
+    depth = model.config.num_hidden_layers
+    if not 0 < top < depth:
+        return 0
+    if not splittable(model):
+        raise ModelError(
+            f"{key} needs a Llama-architecture model, not {model.config.model_type}; "
+            f"set {key}: 0 to adapt every layer"
+        )
+    return depth - top
+
+
+def adapted_layers(model: nn.Module, shared: int) -> list[int] | None:
+    return list(range(shared, model.config.num_hidden_layers)) if shared else None
 
 
 def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, rm_path: str) -> None:

@@ -198,27 +198,102 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
             setattr(owner, attribute, original)
 
 
-def response_logits(model: nn.Module, seq: Sequences, temperature: float) -> Tensor:
-    """Logits [B, R, V] (divided by the temperature) at the positions that predict each response token."""
+def response_logits(
+    model: nn.Module, seq: Sequences, temperature: float, lower: Lower | None = None
+) -> Tensor:
+    """Logits [B, R, V] (divided by the temperature) at the positions that predict each response token.
+
+    `lower`: the output of the model's shared bottom layers for `seq`; only the layers above run.
+    """
     mask = seq.attention_mask
     length, response_length = mask.shape[1], seq.response.shape[1]
     # Only these positions reach the lm_head, never the prompt. Positions as a tensor (not a count) make
     # transformers gather them into a contiguous block: a strided slice turns the vocabulary projection
     # into a batched matmul over an expanded weight, half again slower on CPU.
     keep = torch.arange(length - response_length - 1, length - 1, device=mask.device)
-    logits = model(
-        input_ids=seq.input_ids,
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits
+    with from_lower(lower, seq.input_ids) as inputs:
+        logits = model(
+            **inputs,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
     return logits.float() / max(temperature, 1e-7)
 
 
-def response_logprobs(model: nn.Module, seq: Sequences, temperature: float) -> Tensor:
+def response_logprobs(
+    model: nn.Module, seq: Sequences, temperature: float, lower: Lower | None = None
+) -> Tensor:
     """log p(response token | prefix) [B, R] at the sampling temperature."""
-    return logprobs_from_logits(response_logits(model, seq, temperature), seq.response)
+    return logprobs_from_logits(response_logits(model, seq, temperature, lower), seq.response)
+
+
+# -- shared bottom layers ----------------------------------------------------------------------------
+
+
+@dataclass
+class Lower:
+    """The output of a trunk's bottom `layers` layers, which carry no adapter (frozen, so shared).
+
+    A model with LoRA on its top layers only computes the same bottom whether its adapter is on or off:
+    the policy and the reference share it, and so do the value model and the reward model. It is run
+    once per rollout; every later pass over the same sequences starts from it and runs the layers above.
+    """
+
+    hidden: Tensor
+    """[B, L, H] hidden states after the bottom layers (before any final norm)."""
+    layers: int
+    trunk: nn.Module
+    """The transformers decoder stack (model.model) whose layers run above `layers`."""
+
+    def select(self, rows: Tensor, columns: slice) -> Lower:
+        return Lower(self.hidden[rows][:, columns], self.layers, self.trunk)
+
+
+def splittable(model: nn.Module) -> bool:
+    """A decoder stack layer_range can cut: Llama's forward takes inputs_embeds as they are."""
+    return hf_model(model).config.model_type == "llama"
+
+
+@torch.no_grad()
+def lower_layers(model: nn.Module, layers: int, input_ids: Tensor, attention_mask: Tensor) -> Lower:
+    """Run a causal LM's or classifier's bottom `layers` layers once: the Lower its later passes share."""
+    trunk = hf_model(model).base_model
+    with layer_range(trunk, slice(0, layers), final_norm=False):
+        hidden = trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+    return Lower(hidden, layers, trunk)
+
+
+@contextmanager
+def from_lower(lower: Lower | None, input_ids: Tensor) -> Iterator[dict[str, Tensor]]:
+    """The model's inputs: the token ids, or `lower`'s hidden states with only the layers above it live."""
+    if lower is None:
+        yield {"input_ids": input_ids}
+        return
+    with layer_range(lower.trunk, slice(lower.layers, None)):
+        yield {"inputs_embeds": lower.hidden}
+
+
+@contextmanager
+def layer_range(trunk: nn.Module, layers: slice, final_norm: bool = True) -> Iterator[None]:
+    """Make `trunk` (a transformers decoder stack) run only `trunk.layers[layers]` while inside.
+
+    Its input is then the hidden state before the first of them, passed as `inputs_embeds`.
+    """
+    full, norm = trunk.layers, trunk.norm
+    trunk.layers = nn.ModuleList(list(full)[layers])
+    if not final_norm:
+        trunk.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        trunk.layers, trunk.norm = full, norm
 
 
 class TokenValues(nn.Module):
@@ -227,31 +302,39 @@ class TokenValues(nn.Module):
     The critic is a reward model (InstructGPT) or the policy's trunk with a new head; reading the head at
     every position gives V(prefix), and at the last response token it is the reward model's score.
     Outputs are in standardised reward units, (raw - mean) / std.
+
+    `shared_layers`: the bottom layers that carry no adapter, which the value model shares with the
+    reward model (see Lower): `lower()` runs them, `forward(..., lower=)` runs the layers above.
     """
 
-    def __init__(self, classifier: nn.Module, mean: float = 0.0, std: float = 1.0):
+    def __init__(self, classifier: nn.Module, mean: float = 0.0, std: float = 1.0, shared_layers: int = 0):
         super().__init__()
         self.classifier = classifier
         self.mean, self.std = mean, std
+        self.shared_layers = shared_layers
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def lower(self, input_ids: Tensor, attention_mask: Tensor) -> Lower:
+        return lower_layers(self.classifier, self.shared_layers, input_ids, attention_mask)
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor, lower: Lower | None = None) -> Tensor:
         """The trunk's last hidden states [B, L, H]."""
-        return (
-            hf_model(self.classifier)
-            .base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                use_cache=False,
+        with from_lower(lower, input_ids) as inputs:
+            return (
+                hf_model(self.classifier)
+                .base_model(
+                    **inputs,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask),
+                    use_cache=False,
+                )
+                .last_hidden_state
             )
-            .last_hidden_state
-        )
 
     def head(self, hidden: Tensor) -> Tensor:
         return (hf_model(self.classifier).score(hidden).squeeze(-1).float() - self.mean) / self.std
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.head(self.hidden(input_ids, attention_mask))
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, lower: Lower | None = None) -> Tensor:
+        return self.head(self.hidden(input_ids, attention_mask, lower))
 
 
 class ValueHead(nn.Module):
@@ -279,9 +362,9 @@ def last_token(per_position: Tensor, seq: Sequences) -> Tensor:
     return per_position[torch.arange(per_position.shape[0], device=per_position.device), last]
 
 
-def response_values(critic: nn.Module, seq: Sequences) -> Tensor:
-    """V(prefix) before each response token: [B, R]."""
-    return response_slice(critic(seq.input_ids, seq.attention_mask), seq)
+def response_values(critic: nn.Module, seq: Sequences, lower: Lower | None = None) -> Tensor:
+    """V(prefix) before each response token: [B, R]. `lower`: see TokenValues."""
+    return response_slice(critic(seq.input_ids, seq.attention_mask, lower=lower), seq)
 
 
 def last_token_scores(scorer: nn.Module, seq: Sequences) -> Tensor:

@@ -36,9 +36,11 @@ from stages.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoi
 from stages.ppo.evaluate import EvalSettings, evaluate
 from stages.ppo.models import Loaded, Models, build_models
 from stages.ppo.rollout import (
+    Lower,
     Sequences,
     generation_weights,
     left_pad,
+    lower_layers,
     position_ids,
     response_logits,
     response_logprobs,
@@ -71,6 +73,13 @@ class Config:
     critic: Literal["trunk", "head"] = "trunk"
     """Value model: a trained trunk + head (`lora` applies), or a trained head on the frozen reward model's
     hidden states (no forward or backward pass of its own: steps about twice as fast, a less flexible V)."""
+    critic_layers: int = 0
+    """With critic: trunk, value_init: reward and LoRA: adapt only the reward model's top critic_layers
+    layers; those below stay the reward model's and run once per rollout for the score, the values and
+    every update. 0 adapts every layer."""
+    policy_layers: int = 0
+    """With LoRA: adapt only the policy's top policy_layers layers; those below stay the SFT model's and
+    run once per rollout for the reference log-probs and every update. 0 adapts every layer."""
     steps: int = 100
     """PPO steps (rollout + update) to run."""
     batch_size: int = 16
@@ -181,6 +190,9 @@ class Config:
             raise ValueError("lam must be in [0, 1] and gamma in (0, 1]")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
+        for name in ("critic_layers", "policy_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (every layer) or more, got {getattr(self, name)}")
         if self.critic == "head" and self.value_init != "reward":
             raise ValueError(
                 "critic: head reads the reward model's hidden states, so it needs value_init: reward"
@@ -256,6 +268,10 @@ class Experience:
     returns: Tensor
     features: Tensor | None = None
     """[B, R, H] the reward trunk's hidden states the value head reads (critic: head), else None."""
+    lower: Lower | None = None
+    """The layers the critic shares with the reward model (critic_layers), else None."""
+    policy_lower: Lower | None = None
+    """The layers the policy shares with the reference (policy_layers), else None."""
 
     def select(self, index: Tensor) -> Experience:
         """Rows `index`, without the columns that are padding in every selected row."""
@@ -269,23 +285,35 @@ class Experience:
         cut = [t[index][:, :width] for t in (self.ref_logprobs, self.values)]
         rest = [t[index][:, :width] for t in (self.kl, self.advantages, self.returns)]
         features = None if self.features is None else self.features[index][:, :width]
-        return Experience(seq, *cut, self.scores[index], *rest, features)
+        columns = slice(first, self.seq.query.shape[1] + width)
+        lowers = [
+            None if lower is None else lower.select(index, columns)
+            for lower in (self.lower, self.policy_lower)
+        ]
+        return Experience(seq, *cut, self.scores[index], *rest, features, *lowers)
 
 
 @torch.no_grad()
 def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experience:
     """Reference log-probs, values, scores, then KL-shaped rewards and (whitened) GAE advantages."""
+    policy_lower = None
+    if models.policy_shared_layers:  # one pass through the shared layers for the reference and the updates
+        policy_lower = lower_layers(
+            models.policy_model, models.policy_shared_layers, seq.input_ids, seq.attention_mask
+        )
     with models.as_reference() as reference:
-        ref_logprobs = response_logprobs(reference, seq, cfg.temperature)
-    features = None
+        ref_logprobs = response_logprobs(reference, seq, cfg.temperature, policy_lower)
+    features = lower = None
     if models.critic_reads_reward:  # one reward-trunk pass gives both the score and the value features
         hidden = models.reward.hidden(seq.input_ids, seq.attention_mask)
         scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, hidden=hidden)
         features = response_slice(hidden, seq)
         values = models.critic_model(features)
     else:
-        values = response_values(models.critic_model, seq)
-        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty)
+        if models.critic_shared_layers:  # one pass through the shared layers for the values and the score
+            lower = models.critic_model.lower(seq.input_ids, seq.attention_mask)
+        values = response_values(models.critic_model, seq, lower)
+        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, lower=lower)
     mask = seq.response_mask
     values = values * mask
     penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -294,7 +322,9 @@ def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experie
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     kl = rl.kl_k1(seq.logprobs, ref_logprobs) * mask
-    return Experience(seq, ref_logprobs, values, scores, kl, advantages, returns, features)
+    return Experience(
+        seq, ref_logprobs, values, scores, kl, advantages, returns, features, lower, policy_lower
+    )
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -355,7 +385,7 @@ class Trainer:
             for start in range(0, size, mini):
                 part = exp.select(order[start : start + mini])
                 mask = part.seq.response_mask
-                logits = response_logits(models.policy, part.seq, cfg.temperature)
+                logits = response_logits(models.policy, part.seq, cfg.temperature, part.policy_lower)
                 logprobs = rl.logprobs_from_logits(logits, part.seq.response)
                 policy = rl.clipped_policy_loss(
                     logprobs, part.seq.logprobs, part.advantages, mask, cfg.clip_range
@@ -371,7 +401,7 @@ class Trainer:
                 self.optimizer_step(models.policy, "policy")
 
                 if part.features is None:
-                    values = response_values(models.critic, part.seq)
+                    values = response_values(models.critic, part.seq, part.lower)
                 else:
                     values = models.critic(part.features)
                 value_loss, value_clip = rl.clipped_value_loss(
@@ -437,8 +467,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
 
     tokenizer = load_tokenizer(resolve_model(cfg.policy, store).path)
     loaded = build_models(
-        cfg.policy, cfg.reward, store, tokenizer, cfg.lora, cfg.value_init, cfg.critic, acc.device
-    )
+        cfg.policy, cfg.reward, store, tokenizer, cfg.lora, cfg.value_init, cfg.critic, acc.device,
+        cfg.critic_layers, cfg.policy_layers,
+    )  # fmt: skip
     records, prompts = load_prompts(cfg.prompts, tokenizer, cfg)
     eval_prompts = (
         load_prompts(cfg.eval_prompts, tokenizer, cfg, cfg.eval_limit)[1] if cfg.eval_prompts else []
@@ -448,8 +479,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         loaded.policy, loaded.critic, optimizers["policy_opt"], optimizers["critic_opt"]
     )
     models = Models(
-        policy, critic, acc.unwrap_model(policy), acc.unwrap_model(critic), loaded.reference, loaded.reward
-    )
+        policy, critic, acc.unwrap_model(policy), acc.unwrap_model(critic), loaded.reference, loaded.reward,
+        loaded.policy_shared_layers,
+    )  # fmt: skip
     trainer = Trainer(
         cfg, acc, models, optimizers, torch.Generator(acc.device).manual_seed(cfg.seed * 1000 + acc.process_index),
         rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), prompts, stop_token_ids(tokenizer),
