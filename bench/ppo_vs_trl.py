@@ -5,12 +5,17 @@ PPO epochs, learning rate, KL coefficient and LoRA adapter on the policy; each s
 process (TRL in its own venv, .bench/trl19-venv, built here on first use with the same torch,
 transformers, peft, accelerate and datasets versions as ours). Each side reports episodes/s over its
 training loop (model loading excluded) and its peak RSS; the trained policies are then evaluated here
-with one sampler and one scorer: mean standardised reward on held-out prompts, fixed seed, before and
-after. Each side keeps its own defaults where the two differ by design: TRL trains a full-weight value
-model (a copy of the reward model) in the policy's optimizer; ours trains a LoRA adapter + head on the
-reward model's trunk, which it shares with the frozen reward model.
+with one sampler and one scorer: each held-out prompt's mean standardised reward over `--eval-samples`
+samples, fixed seed, before and after, and the mean per-prompt gain with its standard error. Each side
+keeps its own defaults where the two differ by design: TRL trains a full-weight value model (a copy of
+the reward model) in the policy's optimizer; ours trains a LoRA adapter + head on the reward model's
+trunk, which it shares with the frozen reward model.
 
     .venv/bin/python bench/ppo_vs_trl.py [--steps 4] [--batch 8] [--response-length 32] [--epochs 2]
+        [--ours NAME[:KEY=VALUE,...] ...]     # e.g. --ours fast:policy_layers=15,critic_layers=8 default
+
+`--ours` runs our side once per variant, each with its stages.ppo Config overrides (default: one run,
+`default`, with none); TRL runs once.
 
 Models: `--policy` (default sft:latest when the store has one, else the embedded SmolLM2-135M-Instruct)
 and `--reward` (default reward:latest, else the embedded model's trunk with a seeded random score head,
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -131,8 +137,9 @@ def prepare(args, work: Path) -> dict:
         "eval_ids": [prompt_ids(tokenizer, r["prompt"])[-args.max_prompt_length :] for r in evals],
         "steps": args.steps, "batch": args.batch, "mini_batch": args.mini_batch, "epochs": args.epochs,
         "response_length": args.response_length, "learning_rate": args.learning_rate, "kl_coef": args.kl_coef,
-        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads,
+        "lora_r": args.lora_r, "seed": args.seed, "threads": args.threads, "eval_samples": args.eval_samples,
         "max_prompt_length": args.max_prompt_length,
+        "variants": dict(parse_variant(spec) for spec in args.ours),
     }  # fmt: skip
     (work / "setup.json").write_text(json.dumps(setup))
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
@@ -146,7 +153,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def side_ours(work: Path, critic: str) -> dict:
+def side_ours(work: Path, variant: str) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -156,15 +163,16 @@ def side_ours(work: Path, critic: str) -> dict:
 
     s = json.loads((work / "setup.json").read_text())
     torch.set_num_threads(s["threads"])
+    settings = s["variants"][variant]
     overrides = {
         "policy": str(work / "policy"), "reward": str(work / "reward"), "prompts": str(work / "prompts.jsonl"),
-        "eval_prompts": None, "store": str(work / "store"), "output_dir": str(work / "runs"), "run_name": f"ours-{critic}",
+        "eval_prompts": None, "store": str(work / "store"), "output_dir": str(work / "runs"), "run_name": f"ours-{variant}",
         "steps": s["steps"], "batch_size": s["batch"], "mini_batch_size": s["mini_batch"], "ppo_epochs": s["epochs"],
-        "max_new_tokens": s["response_length"], "max_prompt_length": s["max_prompt_length"], "critic": critic,
+        "max_new_tokens": s["response_length"], "max_prompt_length": s["max_prompt_length"],
         "learning_rate": s["learning_rate"], "value_learning_rate": s["learning_rate"], "kl_coef": s["kl_coef"],
         "lora.r": s["lora_r"],
         "lora.alpha": 2 * s["lora_r"], "seed": s["seed"], "report_to": "none", "progress": False,
-        "sample_every": 0, "checkpoint_every": 0, "reward_clip": 1e6,
+        "sample_every": 0, "checkpoint_every": 0, "reward_clip": 1e6, **settings,
     }  # fmt: skip
     cfg = load_config(Config, None, [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])
     artifact = run(cfg, ArtifactStore(cfg.store))
@@ -228,8 +236,8 @@ def side_trl(work: Path) -> dict:
 # -- evaluation (our venv) -------------------------------------------------------------------------
 
 
-def mean_reward(work: Path, setup: dict, adapter: Path | None) -> float:
-    """Mean standardised reward of a policy's samples on the held-out prompts (fixed seed, batch of all)."""
+def prompt_scores(work: Path, setup: dict, adapter: Path | None) -> list[float]:
+    """Each held-out prompt's mean standardised reward over `eval_samples` samples (fixed seed)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -246,19 +254,38 @@ def mean_reward(work: Path, setup: dict, adapter: Path | None) -> float:
     rm = AutoModelForSequenceClassification.from_pretrained(
         work / "reward", num_labels=1, dtype=torch.float32
     )
-    scores = []
+    prompts = setup["eval_ids"]
+    totals = [0.0] * len(prompts)
     generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad(), generation_weights(policy) as decoder:
-        for start in range(0, len(setup["eval_ids"]), 16):
-            query, mask = left_pad(
-                setup["eval_ids"][start : start + 16], tokenizer.pad_token_id, torch.device("cpu")
-            )
-            seq = sample(
-                decoder, query, mask, max_new_tokens=setup["response_length"], temperature=1.0,
-                stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
-            )  # fmt: skip
-            scores += last_token_scores(TokenValues(rm), seq).tolist()
-    return sum(scores) / len(scores)
+    with torch.no_grad(), generation_weights(policy, rows_hint=16) as decoder:
+        for _ in range(setup["eval_samples"]):
+            for start in range(0, len(prompts), 16):
+                query, mask = left_pad(
+                    prompts[start : start + 16], tokenizer.pad_token_id, torch.device("cpu")
+                )
+                seq = sample(
+                    decoder, query, mask, max_new_tokens=setup["response_length"], temperature=1.0,
+                    stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
+                )  # fmt: skip
+                for i, score in enumerate(last_token_scores(TokenValues(rm), seq).tolist()):
+                    totals[start + i] += score
+    return [total / setup["eval_samples"] for total in totals]
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Mean per-prompt reward gain and its standard error."""
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`NAME` or `NAME:KEY=VALUE,KEY=VALUE` (values as JSON) -> (name, our Config overrides)."""
+    name, _, pairs = spec.partition(":")
+    settings = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        settings[key] = json.loads(value)
+    return name, settings
 
 
 def main() -> None:
@@ -274,16 +301,14 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt")
     parser.add_argument(
-        "--critics",
-        nargs="+",
-        choices=["trunk", "head"],
-        default=["trunk", "head"],
-        help="our value model(s) to run (TRL always trains a trunk); the last line reports the first",
-    )
-    parser.add_argument("--critic", choices=["trunk", "head"], help=argparse.SUPPRESS)
+        "--ours", nargs="+", default=["default"], metavar="NAME[:KEY=VALUE,...]",
+        help="our runs: a name and stages.ppo Config overrides, e.g. fast:critic_layers=8,policy_layers=15; "
+        "the last line reports the first",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--policy", help="model source for the policy (default: sft:latest, else the embedded model)"
@@ -292,11 +317,12 @@ def main() -> None:
     parser.add_argument("--store", default=os.environ.get("RLHF_STORE", str(REPO / "artifacts")))
     parser.add_argument("--work", default=str(REPO / ".bench" / "ppo-vs-trl"))
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
 
     if args.side:  # a child process: run one side, print its result as JSON on the last line
-        result = side_ours(work, args.critic) if args.side == "ours" else side_trl(work)
+        result = side_ours(work, args.variant) if args.side == "ours" else side_trl(work)
         print(json.dumps(result), flush=True)
         return
 
@@ -318,7 +344,7 @@ def main() -> None:
         "OMP_NUM_THREADS": str(args.threads),
     }
     results = {}
-    sides = [(f"ours-{c}", sys.executable, ["--side", "ours", "--critic", c]) for c in args.critics]
+    sides = [(f"ours-{v}", sys.executable, ["--side", "ours", "--variant", v]) for v in setup["variants"]]
     for side, python, flags in [*sides, ("trl", trl_python, ["--side", "trl"])]:
         done = subprocess.run(
             [str(python), __file__, *flags, "--work", str(work)],
@@ -333,25 +359,25 @@ def main() -> None:
         print(f"{side}: {results[side]['episodes'] / results[side]['seconds']:.3f} episodes/s, "
               f"peak RSS {results[side]['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
 
-    before = mean_reward(work, setup, None)
+    before = prompt_scores(work, setup, None)
     for side in results:
-        results[side]["reward_after"] = mean_reward(work, setup, Path(results[side]["policy"]))
-        results[side]["gain"] = results[side]["reward_after"] - before
-    print(
-        f"\n{'':10} {'episodes/s':>11} {'peak RSS MB':>12} {'eval reward before':>19} {'after':>8} {'gain':>8}"
-    )
+        after = prompt_scores(work, setup, Path(results[side]["policy"]))
+        results[side]["reward_after"] = statistics.mean(after)
+        results[side]["gain"], results[side]["gain_se"] = paired_gain(before, after)
+    print(f"\n{'':14} {'episodes/s':>11} {'peak RSS MB':>12} {'eval reward before':>19} {'after':>8} "
+          f"{'gain':>8} {'+-se':>6}")  # fmt: skip
     for side, r in results.items():
-        print(f"{side:10} {r['episodes'] / r['seconds']:>11.3f} {r['peak_rss_mb']:>12.0f} {before:>19.3f} "
-              f"{r['reward_after']:>8.3f} {r['gain']:>+8.3f}")  # fmt: skip
+        print(f"{side:14} {r['episodes'] / r['seconds']:>11.3f} {r['peak_rss_mb']:>12.0f} "
+              f"{statistics.mean(before):>19.3f} {r['reward_after']:>8.3f} {r['gain']:>+8.3f} {r['gain_se']:>6.3f}")  # fmt: skip
     trl = results["trl"]
     speedups = {}
-    for critic in args.critics:
-        ours = results[f"ours-{critic}"]
-        speedups[critic] = (ours["episodes"] / ours["seconds"]) / (trl["episodes"] / trl["seconds"])
-        print(f"critic={critic}: speedup {speedups[critic]:.2f}, memory ours/TRL "
+    for variant in setup["variants"]:
+        ours = results[f"ours-{variant}"]
+        speedups[variant] = (ours["episodes"] / ours["seconds"]) / (trl["episodes"] / trl["seconds"])
+        print(f"{variant}: speedup {speedups[variant]:.2f}, memory ours/TRL "
               f"{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}, reward gain ours {ours['gain']:+.3f} "
-              f"vs TRL {trl['gain']:+.3f}")  # fmt: skip
-    print(f"speedup: {speedups[args.critics[0]]:.2f}")
+              f"vs TRL {trl['gain']:+.3f} (standard errors {ours['gain_se']:.3f}, {trl['gain_se']:.3f})")  # fmt: skip
+    print(f"speedup: {speedups[next(iter(setup['variants']))]:.2f}")
 
 
 if __name__ == "__main__":
