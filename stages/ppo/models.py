@@ -3,7 +3,9 @@
 With LoRA (the default) there are two trunks in memory, not four:
 
 - the SFT trunk carries the policy's fresh adapter; with the adapter disabled (peft's `disable_adapter()`)
-  it is the frozen reference, and with the adapter merged it generates (rollout.generation_weights);
+  it is the frozen reference, and with the adapter merged it generates (rollout.generation_weights).
+  With `policy_layers: N` the adapter covers only the top N layers, and one pass through the layers
+  below per rollout serves the reference and every update;
 - the reward model's trunk carries the critic's adapter and trainable copy of the score head
   (InstructGPT initialises the value model from the reward model); with the adapter disabled it is the
   frozen reward model, original head included. With `critic_layers: N` the adapter covers only the top
