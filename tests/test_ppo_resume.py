@@ -85,3 +85,25 @@ def test_a_checkpoint_killed_mid_save_is_ignored(tmp_path):
     assert resolve_resume("latest", tmp_path / "fresh") is None  # nothing to resume: start from scratch
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_resume(str(run_dir / ".tmp-checkpoint-000004" / "missing"), run_dir)
+
+
+def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(store, tiny_tokenizer, tmp_path, capsys):
+    """Running the same config twice (as `make demo` does) must not collide with, or mix in, the first
+    run's checkpoints: they move aside whole, and the new run folder holds only the new run's."""
+    policy = build_peaked_policy(tiny_tokenizer, tmp_path / "policy")
+    publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
+    config = write_config(
+        tmp_path / "ppo.yaml", store, steps=2, checkpoint_every=1, keep_checkpoints=2, eval_prompts=None
+    )
+    cfg = load_config(Config, config, [])
+    run(cfg, store)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    first = {p.name: (p / "state.json").read_bytes() for p in checkpoints(run_dir)}
+    assert sorted(first) == ["checkpoint-000001", "checkpoint-000002"]
+
+    run(cfg, store)
+    (aside,) = [p for p in run_dir.parent.iterdir() if p.name.startswith(f"{cfg.run_name}-")]
+    assert {p.name: (p / "state.json").read_bytes() for p in checkpoints(aside)} == first
+    assert f"moved to {aside}" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints(run_dir)) == ["checkpoint-000001", "checkpoint-000002"]
+    assert len(store.list("ppo")) == 2

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json there)")
     return path
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """Before a fresh start: move a run folder that holds checkpoints to `<run_name>-<UTC time>`, whole.
+
+    The new run's checkpoints would otherwise mix with the earlier run's (and collide at the same step),
+    and `--resume latest` after a crash could continue the wrong run. Returns where it went, or None.
+    """
+    if not checkpoints(run_dir):
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}")
+    os.rename(run_dir, aside)
+    return aside
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from pipeline.datasets import load_records
 from pipeline.models import LoraSettings, load_tokenizer, resolve_model, write_card
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 from stages.ppo import rl
-from stages.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from stages.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_aside_earlier_run
 from stages.ppo.evaluate import EvalSettings, evaluate
 from stages.ppo.models import Loaded, Models, build_models
 from stages.ppo.rollout import (
@@ -464,6 +464,12 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         )
     run_dir = Path(cfg.output_dir) / cfg.run_name
     resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is None and acc.is_main_process:
+        aside = set_aside_earlier_run(run_dir)
+        if aside is not None:
+            print(f"{run_dir} held an earlier run's checkpoints: moved to {aside} "
+                  "(--resume latest continues a run instead)", flush=True)  # fmt: skip
+    acc.wait_for_everyone()
 
     tokenizer = load_tokenizer(resolve_model(cfg.policy, store).path)
     loaded = build_models(
