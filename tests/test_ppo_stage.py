@@ -218,7 +218,7 @@ def test_critic_on_the_top_layers_shares_the_lower_ones_with_the_reward_model(
     exp = Experience(seq, zeros, zeros, torch.zeros(3), zeros, zeros, zeros, None, lower)
     part = exp.select(torch.tensor([2, 1]))
     assert part.seq.input_ids.shape[1] < seq.input_ids.shape[1]
-    values = response_values(critic, part.seq, part.lower)
+    values = response_values(critic, part.seq, part.critic_lower)
     expected = response_values(critic, part.seq)
     torch.testing.assert_close(values * part.seq.response_mask, expected * part.seq.response_mask)
     (values * part.seq.response_mask).sum().backward()

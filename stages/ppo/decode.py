@@ -14,6 +14,7 @@ gives the logits after the prompt, `step(token)` those after one more token. Two
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,6 @@ class TransformersDecoder:
 
 def cache_argument(model: PreTrainedModel) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache`; the old name still works there but warns.
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

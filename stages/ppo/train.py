@@ -268,7 +268,7 @@ class Experience:
     returns: Tensor
     features: Tensor | None = None
     """[B, R, H] the reward trunk's hidden states the value head reads (critic: head), else None."""
-    lower: Lower | None = None
+    critic_lower: Lower | None = None
     """The layers the critic shares with the reward model (critic_layers), else None."""
     policy_lower: Lower | None = None
     """The layers the policy shares with the reference (policy_layers), else None."""
@@ -288,7 +288,7 @@ class Experience:
         columns = slice(first, self.seq.query.shape[1] + width)
         lowers = [
             None if lower is None else lower.select(index, columns)
-            for lower in (self.lower, self.policy_lower)
+            for lower in (self.critic_lower, self.policy_lower)
         ]
         return Experience(seq, *cut, self.scores[index], *rest, features, *lowers)
 
@@ -303,7 +303,7 @@ def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experie
         )
     with models.as_reference() as reference:
         ref_logprobs = response_logprobs(reference, seq, cfg.temperature, policy_lower)
-    features = lower = None
+    features = critic_lower = None
     if models.critic_reads_reward:  # one reward-trunk pass gives both the score and the value features
         hidden = models.reward.hidden(seq.input_ids, seq.attention_mask)
         scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, hidden=hidden)
@@ -311,9 +311,9 @@ def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experie
         values = models.critic_model(features)
     else:
         if models.critic_shared_layers:  # one pass through the shared layers for the values and the score
-            lower = models.critic_model.lower(seq.input_ids, seq.attention_mask)
-        values = response_values(models.critic_model, seq, lower)
-        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, lower=lower)
+            critic_lower = models.critic_model.lower(seq.input_ids, seq.attention_mask)
+        values = response_values(models.critic_model, seq, critic_lower)
+        scores = models.score(seq, cfg.reward_clip, cfg.missing_eos_penalty, lower=critic_lower)
     mask = seq.response_mask
     values = values * mask
     penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -323,7 +323,7 @@ def collect(models: Models, seq: Sequences, cfg: Config, beta: float) -> Experie
         advantages = rl.masked_whiten(advantages, mask)
     kl = rl.kl_k1(seq.logprobs, ref_logprobs) * mask
     return Experience(
-        seq, ref_logprobs, values, scores, kl, advantages, returns, features, lower, policy_lower
+        seq, ref_logprobs, values, scores, kl, advantages, returns, features, critic_lower, policy_lower
     )
 
 
@@ -401,7 +401,7 @@ class Trainer:
                 self.optimizer_step(models.policy, "policy")
 
                 if part.features is None:
-                    values = response_values(models.critic, part.seq, part.lower)
+                    values = response_values(models.critic, part.seq, part.critic_lower)
                 else:
                     values = models.critic(part.features)
                 value_loss, value_clip = rl.clipped_value_loss(
