@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
@@ -29,6 +30,11 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (with its LoRA layers still in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 class TransformersDecoder:
     """Decode through the model's own forward: works for every causal LM transformers has."""
 
@@ -36,7 +42,7 @@ class TransformersDecoder:
         self.model = model
 
     def prefill(self, query: Tensor, mask: Tensor, new_tokens: int) -> Tensor:
-        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hf = hf_model(self.model)
         self.cache_kw = cache_argument(hf)
         self.cache = DynamicCache(config=hf.config)
         self.mask = mask

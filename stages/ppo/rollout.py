@@ -21,13 +21,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from stages.ppo.decode import (
     LlamaDecoder,
     PackedLinear,
     TransformersDecoder,
     effective_weight,
+    hf_model,
     is_llama,
     packable,
     position_ids,
@@ -85,11 +85,6 @@ def truncate_at_stop(response: Tensor, stop_ids: Sequence[int], pad_id: int) -> 
     stops_before = is_stop.long().cumsum(-1) - is_stop.long()
     keep = stops_before == 0
     return response.masked_fill(~keep, pad_id), keep.float(), is_stop.any(-1)
-
-
-def hf_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (with its LoRA layers still in place)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 @torch.no_grad()
