@@ -131,12 +131,39 @@ def test_clipped_value_loss_inside_and_outside_the_clip_range():
 def test_logprobs_entropy_and_exact_kl_from_logits():
     # logits [ln 3, 0] -> p = [0.75, 0.25]
     logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
-    close(rl.logprobs_from_logits(logits, torch.tensor([[0, 1]])), [[math.log(0.75), math.log(0.5)]])
+    logprobs, entropy = rl.logprobs_and_entropy(logits, torch.tensor([[0, 1]]))
+    close(logprobs, [[math.log(0.75), math.log(0.5)]])
     # H(0.75, 0.25) = -(0.75 ln 0.75 + 0.25 ln 0.25); H(uniform over 2) = ln 2
+    close(entropy, [[0.5623351, math.log(2.0)]])
     close(rl.entropy_from_logits(logits), [[0.5623351, math.log(2.0)]])
+    # temperature 2 halves the logits: p = [sqrt 3, 1] / (sqrt 3 + 1)
+    close(
+        rl.logprobs_and_entropy(logits, torch.tensor([[0, 1]]), 2.0)[0],
+        [[math.log(0.6339746), math.log(0.5)]],
+    )
     # KL([0.75, 0.25] || [0.5, 0.5]) = 0.75 ln 1.5 + 0.25 ln 0.5
     uniform = torch.zeros(1, 2, 2)
     close(rl.kl_from_logits(logits, uniform), [[0.130812, 0.0]])
+
+
+def test_blockwise_logprobs_match_log_softmax_values_and_gradients(monkeypatch):
+    # 3 x 5 = 15 rows in blocks of 4 leaves a partial last block
+    monkeypatch.setattr(rl, "ROWS_PER_BLOCK", 4)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=generator, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5), generator=generator)
+    weights = torch.randn(3, 5, generator=generator)
+    logprobs, entropy = rl.logprobs_and_entropy(logits, tokens, 0.7)
+    (logprobs * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    log_p = torch.log_softmax(logits / 0.7, dim=-1)
+    expected = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1).detach())
+    torch.testing.assert_close(ours, logits.grad)
+    assert not entropy.requires_grad
 
 
 def test_adaptive_kl_controller_follows_ziegler():

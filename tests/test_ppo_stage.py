@@ -246,11 +246,11 @@ def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
         query, query_mask, response, torch.ones(2, 4), torch.ones(2, dtype=torch.bool), torch.zeros(2, 4)
     )
     lower = lower_layers(model, 1, seq.input_ids, seq.attention_mask)
-    torch.testing.assert_close(response_logits(model, seq, 0.7, lower), response_logits(model, seq, 0.7))
+    torch.testing.assert_close(response_logits(model, seq, lower), response_logits(model, seq))
     with model.disable_adapter():  # the reference
-        reference = response_logits(model, seq, 0.7)
-        torch.testing.assert_close(response_logits(model, seq, 0.7, lower), reference)
-    assert (reference - response_logits(model, seq, 0.7)).abs().max() > 1e-3
+        reference = response_logits(model, seq)
+        torch.testing.assert_close(response_logits(model, seq, lower), reference)
+    assert (reference - response_logits(model, seq)).abs().max() > 1e-3
     adapted = {
         name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name
     }

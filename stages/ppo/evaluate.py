@@ -58,9 +58,9 @@ def evaluate(
         query, query_mask = left_pad([prompts[i] for i in chunk], how.pad_id, acc.device)
         with generation_weights(models.policy_model) as decoder:
             seq = sample(decoder, query, query_mask, generator=policy_gen, **settings)
-        logits = response_logits(models.policy_model, seq, kl_temperature)
+        logits = response_logits(models.policy_model, seq) / kl_temperature
         with models.as_reference() as reference:
-            ref_logits = response_logits(reference, seq, kl_temperature)
+            ref_logits = response_logits(reference, seq) / kl_temperature
             if chunk[0] not in sft_scores:
                 sft_seq = sample(reference, query, query_mask, generator=sft_gen, **settings)
                 sft = models.score(sft_seq, how.reward_clip, how.missing_eos_penalty)

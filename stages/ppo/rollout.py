@@ -32,7 +32,7 @@ from stages.ppo.decode import (
     packable,
     position_ids,
 )
-from stages.ppo.rl import logprobs_from_logits
+from stages.ppo.rl import logprobs_and_entropy
 
 Decoder = LlamaDecoder | TransformersDecoder
 
@@ -112,9 +112,9 @@ def sample(
     finished = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
-        scaled = logits.float() / (temperature or 1.0)
-        token = pick(scaled, temperature, generator)
-        logprobs.append(logprobs_from_logits(scaled, token))
+        logits = logits.float()
+        token = pick(logits / (temperature or 1.0), temperature, generator)
+        logprobs.append(logprobs_and_entropy(logits, token, temperature or 1.0)[0])
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         finished |= torch.isin(token, stops)
@@ -193,10 +193,8 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
             setattr(owner, attribute, original)
 
 
-def response_logits(
-    model: nn.Module, seq: Sequences, temperature: float, lower: Lower | None = None
-) -> Tensor:
-    """Logits [B, R, V] (divided by the temperature) at the positions that predict each response token.
+def response_logits(model: nn.Module, seq: Sequences, lower: Lower | None = None) -> Tensor:
+    """Logits [B, R, V] at the positions that predict each response token.
 
     `lower`: the output of the model's shared bottom layers for `seq`; only the layers above run.
     """
@@ -214,14 +212,14 @@ def response_logits(
             logits_to_keep=keep,
             use_cache=False,
         ).logits
-    return logits.float() / max(temperature, 1e-7)
+    return logits.float()
 
 
 def response_logprobs(
     model: nn.Module, seq: Sequences, temperature: float, lower: Lower | None = None
 ) -> Tensor:
     """log p(response token | prefix) [B, R] at the sampling temperature."""
-    return logprobs_from_logits(response_logits(model, seq, temperature, lower), seq.response)
+    return logprobs_and_entropy(response_logits(model, seq, lower), seq.response, temperature)[0]
 
 
 # -- shared bottom layers ----------------------------------------------------------------------------

@@ -385,14 +385,14 @@ class Trainer:
             for start in range(0, size, mini):
                 part = exp.select(order[start : start + mini])
                 mask = part.seq.response_mask
-                logits = response_logits(models.policy, part.seq, cfg.temperature, part.policy_lower)
-                logprobs = rl.logprobs_from_logits(logits, part.seq.response)
+                logits = response_logits(models.policy, part.seq, part.policy_lower)
+                logprobs, entropy = rl.logprobs_and_entropy(logits, part.seq.response, cfg.temperature)
                 policy = rl.clipped_policy_loss(
                     logprobs, part.seq.logprobs, part.advantages, mask, cfg.clip_range
                 )
-                entropy = rl.masked_mean(
-                    rl.entropy_from_logits(logits if cfg.entropy_coef else logits.detach()), mask
-                )
+                if cfg.entropy_coef:  # the bonus needs the entropy's gradient
+                    entropy = rl.entropy_from_logits(logits / cfg.temperature)
+                entropy = rl.masked_mean(entropy, mask)
                 loss = policy.loss - cfg.entropy_coef * entropy
                 if cfg.ptx_coef > 0:
                     stats["ptx_loss"].append(self.backward_with_ptx(loss, ptx_position))
