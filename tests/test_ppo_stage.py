@@ -257,6 +257,55 @@ def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
     assert adapted == {"1"}
 
 
+def test_passes_over_packed_rollouts_equal_the_padded_ones(store, published, tiny_model_dir, tiny_tokenizer):
+    from pipeline.packed_attention import use_packed_attention
+    from stages.ppo import rl
+    from stages.ppo.rollout import hf_model, lower_layers, packs, response_logits
+
+    model = lora_model_with_trained_adapter(tiny_model_dir, store)
+    rm = load_reward_model(resolve_model("reward:latest", store), store).eval()
+    # Prompts of three lengths (left padding) and responses cut short (right padding).
+    query, query_mask = left_pad(
+        [prompt_ids(tiny_tokenizer, PROMPT), [5, 9], [7]], tiny_tokenizer.pad_token_id, CPU
+    )
+    response = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(2))
+    response_mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 4 + [0.0]])
+    seq = Sequences(
+        query, query_mask, response, response_mask, torch.ones(3, dtype=torch.bool), torch.zeros(3, 5)
+    )
+
+    def passes() -> dict[str, Tensor]:
+        logits = response_logits(model, seq)
+        logprobs, _ = rl.logprobs_and_entropy(logits, response)
+        model.zero_grad()
+        (logprobs * response_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            lower = lower_layers(model, 1, seq.input_ids, seq.attention_mask)
+            values = TokenValues(rm)(seq.input_ids, seq.attention_mask)
+            out = {
+                "logits": logits.detach(),
+                "from_lower": response_logits(model, seq, lower),
+                "values": values,
+            }
+        return out | {"scores": last_token_scores(TokenValues(rm), seq)} | grads
+
+    assert not packs(model)
+    padded = passes()
+    use_packed_attention(hf_model(model))
+    use_packed_attention(rm)
+    assert packs(model) and packs(rm)
+    packed = passes()
+    real, response_real = seq.attention_mask.bool(), response_mask.bool()
+    for key in ("logits", "from_lower"):
+        torch.testing.assert_close(packed[key][response_real], padded[key][response_real])
+    torch.testing.assert_close(packed["values"][real], padded["values"][real])
+    torch.testing.assert_close(packed["scores"], padded["scores"])
+    grads = [key for key in padded if "lora_" in key]
+    assert grads and all(torch.allclose(packed[k], padded[k], atol=1e-6) for k in grads)
+    assert packed.keys() == padded.keys()
+
+
 def test_reward_scores_match_the_reward_model_on_its_training_layout(store, published, tiny_tokenizer):
     # The RM was trained on tokenize_completion(prompt, completion): prompt ids + reply up to its end of turn.
     rm = load_reward_model(resolve_model("reward:latest", store), store).eval()

@@ -31,7 +31,9 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def hf_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (with its LoRA layers still in place)."""
+    """The transformers model under DDP's and peft's wrappers (with its LoRA layers still in place)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 

@@ -45,6 +45,7 @@ from pipeline.models import (
     resolve_model,
     training_dtype,
 )
+from pipeline.packed_attention import use_packed_attention
 from pipeline.store import ArtifactStore
 from stages.ppo.rollout import (
     Lower,
@@ -162,6 +163,7 @@ def build_models(
     dtype = training_dtype(device)
     sft = resolve_model(policy_ref, store)
     policy = load_causal_lm(sft, store, dtype)
+    use_packed_attention(policy)  # passes over whole rollouts run on their real tokens only (rollout.Packed)
     match_vocab(policy, tokenizer)
     reference = None if lora.enabled else frozen(copy.deepcopy(policy))
     policy_shared = shared_bottom(policy, policy_layers if lora.enabled else 0, "policy_layers")
@@ -173,6 +175,7 @@ def build_models(
     mean = float(reward_source.card.get("reward_mean", 0.0))
     std = float(reward_source.card.get("reward_std", 1.0)) or 1.0
     rm = load_reward_model(reward_source, store, dtype)
+    use_packed_attention(rm)
     rm.config.pad_token_id = tokenizer.pad_token_id
     if critic_kind == "head":
         reward = frozen(TokenValues(rm, mean, std))
@@ -186,6 +189,7 @@ def build_models(
     else:
         reward = frozen(TokenValues(rm, mean, std))
         head = load_reward_model(sft, store, dtype)
+        use_packed_attention(head)
         head.config.pad_token_id = tokenizer.pad_token_id
         nn.init.zeros_(hf_model(head).score.weight)  # V = 0 everywhere until the value loss says otherwise
         critic = TokenValues(apply_lora(head, lora, task_type="SEQ_CLS"))
@@ -193,6 +197,7 @@ def build_models(
         if model is not None:
             disable_dropout(model)
             model.to(device)
+
     return Loaded(policy.train(), critic.train(), reference, reward, sft, reward_source, policy_shared)
 
 

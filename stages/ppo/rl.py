@@ -35,7 +35,13 @@ def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.
 # Rows of the vocabulary-wide work done at a time. Each elementwise step over [B, T, V] would allocate a
 # fresh tensor of that size (50 MB at 8 x 32 x 49k), and on CPU fresh memory costs a page fault per 4 kB:
 # done whole, these steps took longer than the vocabulary projection itself. A block of rows stays in cache.
+# Accelerators keep freed memory in a caching allocator and want few large kernels: one block there.
 ROWS_PER_BLOCK = 8
+
+
+def row_blocks(flat: Tensor) -> list[slice]:
+    step = ROWS_PER_BLOCK if flat.device.type == "cpu" else max(flat.shape[0], 1)
+    return [slice(start, start + step) for start in range(0, flat.shape[0], step)]
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -45,8 +51,7 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         entropy = torch.empty_like(lse)
         token_logits = flat.gather(1, picked).squeeze(1) / temperature
-        for start in range(0, flat.shape[0], ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        for rows in row_blocks(flat):
             scaled = flat[rows] / temperature
             lse[rows] = torch.logsumexp(scaled, dim=-1)
             probs = scaled.sub(lse[rows, None]).exp_()
@@ -65,8 +70,7 @@ class _TokenLogprobs(torch.autograd.Function):
         # d log p(token) / d z = onehot(token) - softmax(z), and z = logits / temperature
         grad_z = grad_logprobs.reshape(-1, 1) / ctx.temperature
         grad = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        for rows in row_blocks(flat):
             block = torch.div(flat[rows], ctx.temperature, out=grad[rows])
             block.sub_(lse[rows, None]).exp_().mul_(-grad_z[rows])
         grad.scatter_add_(1, picked, grad_z)

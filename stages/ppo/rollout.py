@@ -22,6 +22,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from pipeline.packed_attention import PACKED_SDPA
 from stages.ppo.decode import (
     LlamaDecoder,
     PackedLinear,
@@ -205,14 +206,16 @@ def response_logits(model: nn.Module, seq: Sequences, lower: Lower | None = None
     # into a batched matmul over an expanded weight, half again slower on CPU.
     keep = torch.arange(length - response_length - 1, length - 1, device=mask.device)
     with from_lower(lower, seq.input_ids) as inputs:
+        if not packs(model):
+            return model(**inputs, **padded_inputs(mask), logits_to_keep=keep, use_cache=False).logits.float()
+        packed = Packed.of(mask)
         logits = model(
-            **inputs,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            logits_to_keep=keep,
+            **packed.pack_all(inputs),
+            **packed.inputs,
+            logits_to_keep=packed.index(keep).flatten(),
             use_cache=False,
         ).logits
-    return logits.float()
+    return logits.view(mask.shape[0], response_length, -1).float()
 
 
 def response_logprobs(
@@ -220,6 +223,80 @@ def response_logprobs(
 ) -> Tensor:
     """log p(response token | prefix) [B, R] at the sampling temperature."""
     return logprobs_and_entropy(response_logits(model, seq, lower), seq.response, temperature)[0]
+
+
+# -- padding-free passes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Packed:
+    """A left-padded batch's real tokens laid end to end in one row, each sequence attending only to itself.
+
+    Prompts in a batch differ in length, so a padded batch of rollouts is a quarter to a half padding. The
+    passes over finished sequences (reference, values, scores, the PPO updates) run on the real tokens
+    only, with pipeline.packed_attention, and their outputs go back to the padded layout.
+    """
+
+    where: Tensor
+    """[N] row-major positions of the real tokens in the padded [B, L] batch."""
+    shape: tuple[int, int]
+    inputs: dict[str, object]
+    """Position ids and sequence boundaries for the model's forward."""
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> Packed:
+        real = attention_mask.bool()
+        lengths = real.sum(-1)
+        bounds = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=real.device)
+        bounds[1:] = lengths.cumsum(0)
+        where = real.flatten().nonzero().squeeze(-1)
+        longest = int(lengths.max())
+        inputs = {
+            "position_ids": position_ids(attention_mask).flatten()[where].unsqueeze(0),
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+        }  # fmt: skip
+        return cls(where, (real.shape[0], real.shape[1]), inputs)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, L, ...] -> [1, N, ...]."""
+        return x.flatten(0, 1)[self.where].unsqueeze(0)
+
+    def pack_all(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: self.pack(value) for key, value in inputs.items()}
+
+    def unpack(self, y: Tensor) -> Tensor:
+        """[1, N, ...] -> [B, L, ...], zeros at the padding."""
+        out = y.new_zeros(self.shape[0] * self.shape[1], *y.shape[2:])
+        return out.index_copy(0, self.where, y[0]).view(*self.shape, *y.shape[2:])
+
+    def index(self, columns: Tensor) -> Tensor:
+        """[B, C] packed positions of the padded columns `columns` of each row (a padding position maps to
+        the real token before it, whose output the caller masks out)."""
+        rows, length = self.shape
+        padded = torch.zeros(rows * length, dtype=torch.long, device=self.where.device)
+        padded[self.where] = 1
+        return (padded.cumsum(0) - 1).clamp(min=0).view(rows, length)[:, columns]
+
+
+def packs(model: nn.Module) -> bool:
+    """Whether the model's attention keeps the sequences of a packed row apart."""
+    return hf_model(model).config._attn_implementation in (
+        PACKED_SDPA,
+        "flash_attention_2",
+        "flash_attention_3",
+    )
+
+
+def padded_inputs(attention_mask: Tensor) -> dict[str, Tensor]:
+    return {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+
+
+def trunk_hidden(trunk: nn.Module, inputs: dict[str, Tensor], attention_mask: Tensor) -> Tensor:
+    """A decoder stack's last hidden states [B, L, H] over a left-padded batch (packed where it can)."""
+    if not packs(trunk):
+        return trunk(**inputs, **padded_inputs(attention_mask), use_cache=False).last_hidden_state
+    packed = Packed.of(attention_mask)
+    return packed.unpack(trunk(**packed.pack_all(inputs), **packed.inputs, use_cache=False).last_hidden_state)
 
 
 # -- shared bottom layers ----------------------------------------------------------------------------
@@ -254,12 +331,7 @@ def lower_layers(model: nn.Module, layers: int, input_ids: Tensor, attention_mas
     """Run a causal LM's or classifier's bottom `layers` layers once: the Lower its later passes share."""
     trunk = hf_model(model).base_model
     with layer_range(trunk, slice(0, layers), final_norm=False):
-        hidden = trunk(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = trunk_hidden(trunk, {"input_ids": input_ids}, attention_mask)
     return Lower(hidden, layers, trunk)
 
 
@@ -312,16 +384,7 @@ class TokenValues(nn.Module):
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, lower: Lower | None = None) -> Tensor:
         """The trunk's last hidden states [B, L, H]."""
         with from_lower(lower, input_ids) as inputs:
-            return (
-                hf_model(self.classifier)
-                .base_model(
-                    **inputs,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask),
-                    use_cache=False,
-                )
-                .last_hidden_state
-            )
+            return trunk_hidden(hf_model(self.classifier).base_model, inputs, attention_mask)
 
     def head(self, hidden: Tensor) -> Tensor:
         return (hf_model(self.classifier).score(hidden).squeeze(-1).float() - self.mean) / self.std
