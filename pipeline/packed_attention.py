@@ -34,21 +34,18 @@ def packed_sdpa_attention(
     if boundaries is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    outputs = []
-    for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), strict=True):
-        if end == start:
-            continue
-        outputs.append(
-            scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=groups > 1,
-            )
+    lengths = boundaries.diff().tolist()
+    # split, not a slice per sequence: a slice's backward writes its gradient into a zeroed copy of the
+    # whole row, once per sequence per layer; split's backward is one concatenation.
+    outputs = [
+        scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=groups > 1
         )
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
+        )
+        if q.shape[2]
+    ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

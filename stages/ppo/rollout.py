@@ -4,6 +4,8 @@ Sequences are laid out as [left-padded prompt | response, right-padded after its
 ids come from the attention mask's cumulative sum, so a left-padded prompt sees the same positions as
 it would alone. Logits are divided by the sampling temperature everywhere (sampling, rollout log-probs,
 update log-probs), so the log-probs are those of the distribution the tokens were actually drawn from.
+The passes over finished sequences (reference, values, scores, updates) pack the real tokens into one
+row (Packed) where the model's attention can keep them apart, so padding costs them nothing.
 
 Generation runs our own decode loop rather than `generate`: it draws from an explicit `torch.Generator`
 (saved in checkpoints, so a resumed run samples the same tokens), stops as soon as every row has ended,
