@@ -44,6 +44,7 @@ from pipeline.models import (  # noqa: E402
 from pipeline.packed_attention import use_packed_attention  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 from stages.sft.train import AssistantLossTrainer, tokenize_dataset  # noqa: E402
+from stages.sft.train import Config as StageConfig  # noqa: E402
 
 SHARED = Path(os.environ.get("RLHF_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -98,6 +99,7 @@ def one_run(model_dir, store, tokenizer, dataset, *, lora: bool, padding_free: b
             save_strategy="no",
             logging_strategy="no",
             padding_free=padding_free,
+            gradient_checkpointing=StageConfig.gradient_checkpointing,  # as stages/sft trains
             max_length=None,
             bf16=False,
             seed=0,

@@ -12,6 +12,7 @@ from conftest import REPO, accelerate_launch
 from pipeline.chat import tokenize_completion, tokenize_conversation
 from pipeline.cli import main as cli_main
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
+from pipeline.store import ArtifactStore
 from stages.sft.train import IGNORE_INDEX, Config, run, split_holdout, tokenize_dataset
 
 DIALOGUE = [
@@ -284,3 +285,29 @@ def test_trainer_args_pass_through_to_trl_and_bad_keys_are_named(tmp_path, tiny_
     bad = tiny_config(tmp_path, tiny_model_dir, trainer_args={"weight_decy": 0.1})
     with pytest.raises(ConfigError, match="weight_decy"):
         trainer_settings(bad, tmp_path / "run", has_eval=True, dtype=torch.float32)
+
+
+def test_gradient_checkpointing_is_off_by_default_and_leaves_the_weights_unchanged(tmp_path, tiny_model_dir):
+    """Checkpointing trades a second forward pass for memory: same trained weights, twice the MLP calls."""
+    layer_calls = []
+
+    def count(module, args):  # inside a layer's forward: the recomputation calls it again
+        if type(module).__name__.endswith("MLP"):
+            layer_calls[-1] += 1
+
+    weights = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        for checkpointing in (None, True):  # None: the default
+            folder = tmp_path / str(checkpointing)
+            folder.mkdir()
+            overrides = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+            cfg = tiny_config(folder, tiny_model_dir, max_steps=3, eval_fraction=0.0, **overrides)
+            layer_calls.append(0)
+            artifact = run(cfg, store := ArtifactStore(cfg.store))
+            weights.append(load_causal_lm(resolve_model(artifact.id, store), store).state_dict())
+    finally:
+        hook.remove()
+    assert layer_calls[1] == 2 * layer_calls[0] > 0, layer_calls
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-5, atol=1e-6)
