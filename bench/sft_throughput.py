@@ -99,7 +99,7 @@ def one_run(model_dir, store, tokenizer, dataset, *, lora: bool, padding_free: b
             save_strategy="no",
             logging_strategy="no",
             padding_free=padding_free,
-            gradient_checkpointing=StageConfig.gradient_checkpointing,  # as stages/sft trains
+            activation_checkpointing=StageConfig.activation_checkpointing,  # as stages/sft trains
             max_length=None,
             bf16=False,
             seed=0,

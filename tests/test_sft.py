@@ -287,7 +287,9 @@ def test_trainer_args_pass_through_to_trl_and_bad_keys_are_named(tmp_path, tiny_
         trainer_settings(bad, tmp_path / "run", has_eval=True, dtype=torch.float32)
 
 
-def test_gradient_checkpointing_is_off_by_default_and_leaves_the_weights_unchanged(tmp_path, tiny_model_dir):
+def test_activation_checkpointing_is_off_by_default_and_leaves_the_weights_unchanged(
+    tmp_path, tiny_model_dir
+):
     """Checkpointing trades a second forward pass for memory: same trained weights, twice the MLP calls."""
     layer_calls = []
 
@@ -301,7 +303,7 @@ def test_gradient_checkpointing_is_off_by_default_and_leaves_the_weights_unchang
         for checkpointing in (None, True):  # None: the default
             folder = tmp_path / str(checkpointing)
             folder.mkdir()
-            overrides = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+            overrides = {} if checkpointing is None else {"activation_checkpointing": checkpointing}
             cfg = tiny_config(folder, tiny_model_dir, max_steps=3, eval_fraction=0.0, **overrides)
             layer_calls.append(0)
             artifact = run(cfg, store := ArtifactStore(cfg.store))

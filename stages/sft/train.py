@@ -72,7 +72,7 @@ class Config:
     """Conversations per device per optimizer step (before gradient accumulation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: far less memory on
     large models or long rows, at about a third more compute per step. Off by default (TRL turns it on),
     since the models and rows this runs on in minutes fit without it; turn it on when memory runs out."""
@@ -181,7 +181,7 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.activation_checkpointing,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
