@@ -74,7 +74,7 @@ class Config:
     """Micro-batches accumulated per optimizer step."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: far less memory on
-    large models or long rows, at about a third more compute per step. Off by default (TRL turns it on),
+    large models or long rows, at the cost of a second forward pass per step. Off by default (TRL turns it on),
     since the models and rows this runs on in minutes fit without it; turn it on when memory runs out."""
     learning_rate: float = 2e-4
     """Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full fine-tuning)."""
