@@ -197,7 +197,6 @@ def build_models(
         if model is not None:
             disable_dropout(model)
             model.to(device)
-
     return Loaded(policy.train(), critic.train(), reference, reward, sft, reward_source, policy_shared)
 
 
