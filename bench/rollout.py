@@ -1,11 +1,14 @@
 """PPO rollout speed on the embedded 135M model with a LoRA adapter, against this machine's roofline.
 
 For batch sizes 1, 8 and 32, generates `--new-tokens` tokens per prompt (no early stop, so every run
-produces exactly batch x new_tokens tokens) from the demo prompts, two ways:
+produces exactly batch x new_tokens tokens) from the demo prompts, three ways:
 
 - `generate`: transformers' `generate` on the peft model as it is (adapter unmerged, sampling);
 - ours: stages.ppo.rollout.sample (own KV-cache decode loop) inside generation_weights (W + BA merged,
-  every linear layer pre-packed by oneDNN; the packing is timed as part of the rollout).
+  every linear layer laid out for our panel kernel, stages/ppo/panel_linear.cpp; the merging and
+  packing are timed as part of the rollout);
+- `oneDNN`: the same with oneDNN's pre-packed products instead of the panel kernel (where the kernel
+  cannot run, ours is this).
 
 The bound per decode step is max(2 x params x batch FLOPs at the fp32 matmul peak, weight bytes at the
 memory bandwidth), both measured here in the same run (best of several large matmuls; best of several
@@ -41,6 +44,8 @@ from pipeline.models import (  # noqa: E402
     resolve_model,
 )
 from pipeline.store import ArtifactStore  # noqa: E402
+from stages.ppo import decode  # noqa: E402
+from stages.ppo.panel_linear import panel_kernel  # noqa: E402
 from stages.ppo.rollout import generation_weights, left_pad, sample  # noqa: E402
 
 
@@ -73,7 +78,8 @@ def plain_generate(model, query, mask, n: int, pad_id: int) -> None:
     assert out.shape[1] == query.shape[1] + n
 
 
-def merged_sample(model, query, mask, n: int, pad_id: int) -> None:
+def merged_sample(model, query, mask, n: int, pad_id: int, kernel: bool = True) -> None:
+    decode.panel_kernel = panel_kernel if kernel else lambda: False
     with generation_weights(model) as decoder:
         seq = sample(
             decoder, query, mask, max_new_tokens=n, temperature=1.0, stop_ids=[], pad_id=pad_id,
@@ -117,9 +123,9 @@ def main() -> None:
         for r in load_records(REPO / "data/demo/prompts.jsonl", "prompt").records
     ]
     n = args.new_tokens
-    print(
-        f"{'batch':>5} {'bound tok/s':>12} {'generate tok/s':>15} {'%':>5} {'ours tok/s':>11} {'%':>5} {'speedup':>8}"
-    )
+    print(f"panel kernel: {'yes' if panel_kernel() else 'no (ours is the oneDNN path)'}")
+    print(f"{'batch':>5} {'bound tok/s':>12} {'generate':>9} {'%':>4} {'oneDNN':>7} {'%':>4} "
+          f"{'ours tok/s':>11} {'%':>4} {'vs generate':>12} {'vs oneDNN':>10}")  # fmt: skip
     results = {}
     for batch in args.batches:
         query, mask = left_pad(prompts[:batch], tokenizer.pad_token_id, torch.device("cpu"))
@@ -127,14 +133,18 @@ def main() -> None:
         bound = batch / step
 
         with torch.no_grad():
-            times = {"generate": [], "ours": []}
-            for _ in range(args.repeats):  # alternate, so machine noise hits both alike
-                times["generate"].append(timed(plain_generate, model, query, mask, n, tokenizer.pad_token_id))
-                times["ours"].append(timed(merged_sample, model, query, mask, n, tokenizer.pad_token_id))
+            times = {"generate": [], "oneDNN": [], "ours": []}
+            pad = tokenizer.pad_token_id
+            for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
+                times["generate"].append(timed(plain_generate, model, query, mask, n, pad))
+                times["oneDNN"].append(timed(merged_sample, model, query, mask, n, pad, False))
+                times["ours"].append(timed(merged_sample, model, query, mask, n, pad, True))
         rate = {k: batch * n / statistics.median(v) for k, v in times.items()}
         results[batch] = rate
-        print(f"{batch:>5} {bound:>12.1f} {rate['generate']:>15.1f} {100 * rate['generate'] / bound:>5.0f} "
-              f"{rate['ours']:>11.1f} {100 * rate['ours'] / bound:>5.0f} {rate['ours'] / rate['generate']:>7.2f}x")  # fmt: skip
+        share = {k: 100 * v / bound for k, v in rate.items()}
+        print(f"{batch:>5} {bound:>12.1f} {rate['generate']:>9.1f} {share['generate']:>4.0f} "
+              f"{rate['oneDNN']:>7.1f} {share['oneDNN']:>4.0f} {rate['ours']:>11.1f} {share['ours']:>4.0f} "
+              f"{rate['ours'] / rate['generate']:>11.2f}x {rate['ours'] / rate['oneDNN']:>9.2f}x")  # fmt: skip
     if 8 in results:
         step = max(2 * params * 8 / peak, weight_bytes / bandwidth)
         print(f"batch-8 rollout: {100 * results[8]['ours'] * step / 8:.0f}% of the roofline bound")

@@ -128,22 +128,68 @@ def decode_logits(decoder, query, mask, tokens: Tensor) -> Tensor:
     return torch.stack(logits, dim=1)
 
 
-@pytest.mark.parametrize("adapter", ["merged", "disabled"])
-def test_llama_decoder_gives_the_transformers_logits(store, tiny_model_dir, tiny_tokenizer, adapter):
-    """Our written-out Llama step (fused, packed, preallocated cache) against the model's own forward."""
-    from stages.ppo.decode import LlamaDecoder, TransformersDecoder
+def panel_kernel_or_skip() -> None:
+    from stages.ppo.panel_linear import panel_kernel
 
+    if not panel_kernel():
+        pytest.skip("the panel kernel needs an AVX-512 CPU and a C++ compiler")
+
+
+@pytest.mark.parametrize(("parts", "rows"), [([576, 192, 192], 8), ([40, 8], 13), ([17], 1), ([33, 31], 3)])
+def test_panel_linear_equals_a_plain_linear(parts, rows):
+    """Outputs stacked from several weights, padded to whole panels, rows in blocks of 8 and a remainder."""
+    from stages.ppo.panel_linear import PanelLinear
+
+    panel_kernel_or_skip()
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 24, generator=generator) for n in parts]
+    bias = torch.randn(sum(parts), generator=generator)
+    x = torch.randn(2, rows, 24, generator=generator)
+    expected = torch.nn.functional.linear(x, torch.cat(weights), bias)
+    torch.testing.assert_close(PanelLinear(weights, bias)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_does_not_build_falls_back_with_a_warning(monkeypatch):
+    import torch.utils.cpp_extension
+
+    from stages.ppo import panel_linear
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*oneDNN"):
+        assert panel_linear.panel_kernel.__wrapped__() is False
+
+
+@pytest.mark.parametrize("kernel", ["panel", "onednn"])
+@pytest.mark.parametrize("adapter", ["merged", "disabled"])
+def test_llama_decoder_gives_the_transformers_logits(
+    store, tiny_model_dir, tiny_tokenizer, adapter, kernel, monkeypatch
+):
+    """Our written-out Llama step (fused, packed, preallocated cache) against the model's own forward."""
+    from stages.ppo import decode
+    from stages.ppo.decode import LlamaDecoder, TransformersDecoder
+    from stages.ppo.panel_linear import PanelLinear
+
+    if kernel == "panel":
+        panel_kernel_or_skip()
+    else:
+        monkeypatch.setattr(decode, "panel_kernel", lambda: False)
     model = lora_model_with_trained_adapter(tiny_model_dir, store)
     prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11]]  # left padding on the second row
     query, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
     tokens = torch.randint(3, len(tiny_tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        decoder = LlamaDecoder(model.get_base_model())
+        assert isinstance(decoder.blocks[0].qkv, PanelLinear) == (kernel == "panel")
         if adapter == "disabled":  # the frozen reference: the same trunk without its adapter
             with model.disable_adapter():
                 ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
                 theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
         else:
-            ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
+            ours = decode_logits(decoder, query, mask, tokens)
             theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
             with model.disable_adapter():
                 without = decode_logits(TransformersDecoder(model), query, mask, tokens)

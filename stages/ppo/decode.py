@@ -8,7 +8,8 @@ gives the logits after the prompt, `step(token)` those after one more token. Two
   models are Llamas). A transformers decode step at batch 8 spends more time dispatching its ~700 small
   operations than reading the weights; here the query/key/value and gate/up projections are each one
   matrix (so four matmuls a layer, not seven), the cache is allocated once for the whole response, RMSNorm
-  is one fused kernel, and on CPU every matrix is pre-packed for oneDNN. It is built from the model's
+  is one fused kernel, and on CPU every matrix is laid out for our own matmul kernel (stages.ppo.panel_linear;
+  oneDNN's pre-packed layout where that kernel cannot run). It is built from the model's
   weights as they are at that moment, with LoRA adapters merged in, and leaves the model untouched.
 """
 
@@ -23,6 +24,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
+
+from stages.ppo.panel_linear import PanelLinear, panel_kernel
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -124,16 +127,27 @@ def effective_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, base.bias
 
 
+def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int) -> nn.Module:
+    """The fastest layer computing x @ W^T (+ bias) for W = `weights` stacked, on their device.
+
+    On CPU in fp32: our panel kernel where it runs (stages.ppo.panel_linear), else oneDNN's pre-packed
+    product. Elsewhere, a plain linear layer.
+    """
+    with torch.no_grad():
+        if packable(weights[0]) and panel_kernel():
+            return PanelLinear(weights, bias)
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        kind = PackedLinear if packable(weight) else FrozenLinear
+        return kind(weight, bias, rows_hint)
+
+
 def fused(linears: list[nn.Module], rows_hint: int) -> nn.Module:
     """One linear layer computing several side by side (their outputs concatenated)."""
     parts = [effective_weight(linear) for linear in linears]
-    weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
     bias = None
     if any(b is not None for _, b in parts):
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
-    kind = PackedLinear if packable(weight) else FrozenLinear
-    with torch.no_grad():
-        return kind(weight, bias, rows_hint)
+    return read_only_linear([w for w, _ in parts], bias, rows_hint)
 
 
 @dataclass

@@ -10,7 +10,7 @@ row (Packed) where the model's attention can keep them apart, so padding costs t
 Generation runs our own decode loop rather than `generate`: it draws from an explicit `torch.Generator`
 (saved in checkpoints, so a resumed run samples the same tokens), stops as soon as every row has ended,
 and skips `generate`'s per-step logits processors. `generation_weights` gives it the fastest decoder
-for the model (stages.ppo.decode): merged LoRA weights, pre-packed for the CPU's matmul library there.
+for the model (stages.ppo.decode): merged LoRA weights, laid out for our CPU matmul kernel there.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from pipeline.packed_attention import PACKED_SDPA
 from stages.ppo.decode import (
     LlamaDecoder,
-    PackedLinear,
     TransformersDecoder,
     effective_weight,
     hf_model,
     is_llama,
     packable,
     position_ids,
+    read_only_linear,
 )
 from stages.ppo.rl import logprobs_and_entropy
 
@@ -150,7 +150,8 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
 
     A Llama decodes with LlamaDecoder, built from the weights with any active LoRA adapter merged in.
     Other models decode through their own forward, with every LoRA layer running on the merged matrix
-    W + BA (no adapter matmuls per token) and, on CPU, every linear layer swapped for a pre-packed one.
+    W + BA (no adapter matmuls per token) and, on CPU, every linear layer swapped for a read-only one
+    over a pre-packed copy (stages.ppo.decode.read_only_linear).
     Unlike peft's merge_adapter()/unmerge_adapter(), nothing is ever subtracted back: W + BA - BA would
     round differently from W and slowly drift the frozen reference the KL penalty is measured against
     (and break exact resume). Either way the price is one extra copy of the linear weights while
@@ -180,12 +181,13 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
             for layer in lora_layers:
                 merged, bias = effective_weight(layer)
                 if pack:
-                    swap(layer, "base_layer", PackedLinear(merged, bias, rows_hint))
+                    swap(layer, "base_layer", read_only_linear([merged], bias, rows_hint))
                 else:
                     swap(layer.get_base_layer().weight, "data", merged)
             for name, linear in plain if pack else []:
                 parent, _, child = name.rpartition(".")
-                swap(model.get_submodule(parent), child, PackedLinear(linear.weight, linear.bias, rows_hint))
+                frozen = read_only_linear([linear.weight], linear.bias, rows_hint)
+                swap(model.get_submodule(parent), child, frozen)
         if lora_layers:
             with model.disable_adapter():
                 yield TransformersDecoder(model)
