@@ -62,6 +62,25 @@ def published(store, policy_dir, tiny_tokenizer, tmp_path):
 # -- rollout layout --------------------------------------------------------------------------------
 
 
+def test_sampling_draws_from_the_softmax_and_never_a_zero_probability_token():
+    """The two-level inverse CDF against the probabilities it samples from, over blocks and a ragged end."""
+    from stages.ppo.rollout import CDF_BLOCK, pick
+
+    vocab = 3 * CDF_BLOCK + 7  # the last block is padding but for 7 entries
+    logits = torch.full((vocab,), float("-inf"))
+    support = torch.tensor([0, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 5, vocab - 1])
+    logits[support] = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
+    rows = 20_000
+    tokens, logprobs = pick(logits.expand(rows, vocab), 1.0, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) <= set(support.tolist())
+    expected = torch.softmax(logits[support], -1)
+    observed = torch.stack([(tokens == t).float().mean() for t in support])
+    assert (observed - expected).abs().max() < 4 * (expected * (1 - expected) / rows).sqrt().max()
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[tokens])
+    greedy, _ = pick(logits[None], 0.0, None)
+    assert greedy.item() == 2 * CDF_BLOCK + 5
+
+
 def test_left_padding_positions_and_truncation_at_the_stop_token():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=CPU)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -135,18 +154,36 @@ def panel_kernel_or_skip() -> None:
         pytest.skip("the panel kernel needs an AVX-512 CPU and a C++ compiler")
 
 
-@pytest.mark.parametrize(("parts", "rows"), [([576, 192, 192], 8), ([40, 8], 13), ([17], 1), ([33, 31], 3)])
-def test_panel_linear_equals_a_plain_linear(parts, rows):
-    """Outputs stacked from several weights, padded to whole panels, rows in blocks of 8 and a remainder."""
-    from stages.ppo.panel_linear import PanelLinear
+@pytest.mark.parametrize(
+    ("parts", "rows", "lora"),
+    [
+        ([576, 192, 192], 8, False),
+        ([576, 192, 192], 8, True),
+        ([40, 8], 13, True),
+        ([17], 1, False),
+        ([33, 31], 3, True),
+    ],
+)
+def test_panel_linear_equals_a_plain_linear(parts, rows, lora):
+    """Outputs stacked from several weights with their LoRA updates merged in, padded to whole panels, rows
+    in blocks of 8 and a remainder."""
+    from stages.ppo.panel_linear import LowRank, PanelLinear
 
     panel_kernel_or_skip()
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, 24, generator=generator) for n in parts]
+    updates = [None] * len(parts)
+    if lora:
+        updates = [
+            LowRank(torch.randn(n, 4, generator=generator), torch.randn(4, 24, generator=generator), 0.5)
+            for n in parts
+        ]
     bias = torch.randn(sum(parts), generator=generator)
     x = torch.randn(2, rows, 24, generator=generator)
-    expected = torch.nn.functional.linear(x, torch.cat(weights), bias)
-    torch.testing.assert_close(PanelLinear(weights, bias)(x), expected, atol=1e-5, rtol=1e-5)
+    merged = [w if u is None else w + 0.5 * u.b @ u.a for w, u in zip(weights, updates, strict=True)]
+    expected = torch.nn.functional.linear(x, torch.cat(merged), bias)
+    layer = PanelLinear(list(zip(weights, updates, strict=True)), bias)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_a_kernel_that_does_not_build_falls_back_with_a_warning(monkeypatch):

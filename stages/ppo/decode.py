@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from stages.ppo.panel_linear import PanelLinear, panel_kernel
+from stages.ppo.panel_linear import LowRank, PanelLinear, panel_kernel
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -127,6 +127,21 @@ def effective_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, base.bias
 
 
+def weight_and_update(linear: nn.Module) -> tuple[Tensor, LowRank | None]:
+    """A linear layer's weight as it computes now, as W and a LoRA update to merge while packing.
+
+    One plain LoRA adapter comes as its factors; any other adapter setup (several adapters, DoRA) comes
+    merged by peft already.
+    """
+    if isinstance(linear, LoraLayer) and not linear.disable_adapters and not linear.merged:
+        adapters = [name for name in linear.active_adapters if name in linear.lora_A]
+        if len(adapters) == 1 and not linear.use_dora.get(adapters[0]) and not linear.fan_in_fan_out:
+            name = adapters[0]
+            update = LowRank(linear.lora_B[name].weight, linear.lora_A[name].weight, linear.scaling[name])
+            return linear.get_base_layer().weight, update
+    return effective_weight(linear)[0], None
+
+
 def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int) -> nn.Module:
     """The fastest layer computing x @ W^T (+ bias) for W = `weights` stacked, on their device.
 
@@ -135,7 +150,7 @@ def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int)
     """
     with torch.no_grad():
         if packable(weights[0]) and panel_kernel():
-            return PanelLinear(weights, bias)
+            return PanelLinear([(w, None) for w in weights], bias)
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         kind = PackedLinear if packable(weight) else FrozenLinear
         return kind(weight, bias, rows_hint)
@@ -143,11 +158,16 @@ def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int)
 
 def fused(linears: list[nn.Module], rows_hint: int) -> nn.Module:
     """One linear layer computing several side by side (their outputs concatenated)."""
-    parts = [effective_weight(linear) for linear in linears]
+    bases = [linear.get_base_layer() if isinstance(linear, LoraLayer) else linear for linear in linears]
     bias = None
-    if any(b is not None for _, b in parts):
-        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
-    return read_only_linear([w for w, _ in parts], bias, rows_hint)
+    if any(base.bias is not None for base in bases):
+        bias = torch.cat(
+            [b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases]
+        )
+    with torch.no_grad():
+        if packable(bases[0].weight) and panel_kernel():
+            return PanelLinear([weight_and_update(linear) for linear in linears], bias)
+    return read_only_linear([effective_weight(linear)[0] for linear in linears], bias, rows_hint)
 
 
 @dataclass
@@ -203,7 +223,11 @@ class LlamaDecoder:
         shape = (batch, self.kv_heads, width + new_tokens, self.head_dim)
         self.keys = [self.embed.new_empty(shape) for _ in self.blocks]
         self.values = [self.embed.new_empty(shape) for _ in self.blocks]
-        self.key_mask = torch.cat([mask.bool(), mask.new_zeros(batch, new_tokens, dtype=torch.bool)], dim=1)
+        key_mask = torch.cat([mask.bool(), mask.new_zeros(batch, new_tokens, dtype=torch.bool)], dim=1)
+        # Added to the attention scores of a step: 0 where a key is visible, -inf where not. Kept as floats
+        # because SDPA turns a boolean mask into these anyway, once per layer.
+        self.key_bias = torch.zeros(key_mask.shape, dtype=self.embed.dtype, device=query.device)
+        self.key_bias.masked_fill_(~key_mask, float("-inf"))
         self.length = width
         positions = position_ids(mask)
         self.next_position = positions[:, -1:] + 1
@@ -214,13 +238,13 @@ class LlamaDecoder:
         return self.forward(query, positions, 0, visible.unsqueeze(1))
 
     def step(self, token: Tensor) -> Tensor:
-        self.key_mask[:, self.length] = True
+        self.key_bias[:, self.length] = 0
         self.length += 1
         logits = self.forward(
             token.unsqueeze(1),
             self.next_position,
             self.length - 1,
-            self.key_mask[:, None, None, : self.length],
+            self.key_bias[:, None, None, : self.length],
         )
         self.next_position = self.next_position + 1
         return logits
@@ -240,15 +264,29 @@ class LlamaDecoder:
             q, k = qk.split([self.heads, self.kv_heads], dim=2)
             keys[:, :, start:end] = k.transpose(1, 2)
             values[:, :, start:end] = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys[:, :, :end], values[:, :, :end], attn_mask=visible,
-                scale=self.scale, enable_gqa=self.heads != self.kv_heads,
-            )  # fmt: skip
-            x = x + block.o(attended.transpose(1, 2).reshape(batch, length, q_width))
+            attended = self.attend(q, keys[:, :, :end], values[:, :, :end], visible)
+            x = x + block.o(attended.reshape(batch, length, q_width))
             h = F.rms_norm(x, (self.width,), block.post_norm, self.eps)
             gate, up = block.gate_up(h).chunk(2, dim=-1)
             x = x + block.down(F.silu(gate) * up)
         return self.lm_head(F.rms_norm(x[:, -1], (self.width,), self.final_norm, self.eps))
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+        """Attention of q [B, T, heads, D] over the cache [B, kv_heads, L, D] -> [B, T, heads, D]."""
+        batch, length = q.shape[:2]
+        if length == 1:
+            # One query per head: the query heads sharing a key/value head become that head's queries,
+            # so the cache is read as it is, never repeated per query head (as enable_gqa does).
+            grouped = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            attended = F.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=visible, scale=self.scale
+            )
+            return attended.reshape(batch, 1, self.heads, self.head_dim)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scale,
+            enable_gqa=self.heads != self.kv_heads,
+        )  # fmt: skip
+        return attended.transpose(1, 2)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -89,22 +89,46 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
   return y.view(shape);
 }
 
-// Writes weight [n, K] (n a multiple of 16) into panels [P, K, 16] from panel `first` on: the layout
-// above, 16 rows of the weight interleaved at a time, each read and written once.
-void pack_panels(const at::Tensor& weight, at::Tensor& panels, int64_t first) {
+// Writes weight [n, K] (n a multiple of 16) into panels [P, K, 16] from panel `first` on, plus a LoRA
+// update scale * B @ A (B [n, r], A [r, K]) when given: the merged weight W + scale * BA is computed one
+// panel at a time, straight into its layout, without a merged copy of W in between. Each element of W is
+// read once and each of the panels written once.
+void pack_panels(const at::Tensor& weight, at::Tensor& panels, int64_t first, const std::optional<at::Tensor>& lora_b,
+                 const std::optional<at::Tensor>& lora_a, double scale) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "pack_panels: float32 only");
   const int64_t n = weight.size(0), K = weight.size(1);
   TORCH_CHECK(n % kPanel == 0 && panels.size(1) == K && (first + n / kPanel) <= panels.size(0) && panels.is_contiguous(),
               "pack_panels: weight [", n, ", ", K, "] does not fit panels ", panels.sizes(), " from panel ", first);
   const at::Tensor source = weight.contiguous();
+  const bool lora = lora_b.has_value();
+  const at::Tensor b = lora ? lora_b->contiguous() : at::Tensor();
+  const at::Tensor a = lora ? lora_a->contiguous() : at::Tensor();
+  const int64_t rank = lora ? a.size(0) : 0;
+  TORCH_CHECK(!lora || (b.size(0) == n && b.size(1) == rank && a.size(1) == K && b.scalar_type() == at::kFloat &&
+                        a.scalar_type() == at::kFloat),
+              "pack_panels: LoRA factors do not match the weight");
   const float* w = source.const_data_ptr<float>();
+  const float* bs = lora ? b.const_data_ptr<float>() : nullptr;
+  const float* as = lora ? a.const_data_ptr<float>() : nullptr;
   float* out = panels.mutable_data_ptr<float>() + first * K * kPanel;
+  // Element c of a gather reads row c of the 16 weight rows of a panel.
+  const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(static_cast<int>(K)));
   at::parallel_for(0, n / kPanel, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> b_columns(rank);  // column j of B over the panel's 16 rows, times scale
     for (int64_t p = begin; p < end; ++p) {
       const float* rows = w + p * kPanel * K;
       float* panel = out + p * K * kPanel;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < kPanel; ++c) panel[k * kPanel + c] = rows[c * K + k];
+      for (int64_t j = 0; j < rank; ++j) {
+        alignas(64) float column[kPanel];
+        for (int64_t c = 0; c < kPanel; ++c) column[c] = static_cast<float>(scale) * bs[(p * kPanel + c) * rank + j];
+        b_columns[j] = _mm512_load_ps(column);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        __m512 merged = _mm512_i32gather_ps(row_offsets, rows + k, 4);
+        for (int64_t j = 0; j < rank; ++j) merged = _mm512_fmadd_ps(_mm512_set1_ps(as[j * K + k]), b_columns[j], merged);
+        _mm512_storeu_ps(panel + k * kPanel, merged);
+      }
     }
   });
 }
@@ -113,7 +137,7 @@ void pack_panels(const at::Tensor& weight, at::Tensor& panels, int64_t first) {
 
 TORCH_LIBRARY(rlhf, m) {
   m.def("panel_linear(Tensor x, Tensor panels) -> Tensor");
-  m.def("pack_panels(Tensor weight, Tensor(a!) panels, int first) -> ()");
+  m.def("pack_panels(Tensor weight, Tensor(a!) panels, int first, Tensor? lora_b, Tensor? lora_a, float scale) -> ()");
 }
 TORCH_LIBRARY_IMPL(rlhf, CPU, m) {
   m.impl("panel_linear", panel_linear);

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,24 +47,38 @@ def panel_kernel() -> bool:
     return True
 
 
+@dataclass
+class LowRank:
+    """A LoRA adapter's update to a weight: scale * B @ A, B [out, r], A [r, in]."""
+
+    b: Tensor
+    a: Tensor
+    scale: float
+
+    def merged_into(self, weight: Tensor) -> Tensor:
+        return torch.addmm(weight, self.b, self.a, alpha=self.scale)
+
+
 class PanelLinear(nn.Module):
     """A read-only fp32 linear layer through panel_linear (needs `panel_kernel()`).
 
-    `weights` are stacked along the outputs, as if concatenated (q, k and v: one product); each is
-    written straight into the panels when its row count allows, without a concatenated copy first.
+    `parts` are (weight, LoRA update or None), stacked along the outputs as if concatenated (q, k and v:
+    one product). Each is written straight into the panels, its update merged on the way, when its row
+    count allows: no merged or concatenated copy of the weights is made.
     """
 
-    def __init__(self, weights: list[Tensor], bias: Tensor | None):
+    def __init__(self, parts: list[tuple[Tensor, LowRank | None]], bias: Tensor | None):
         super().__init__()
-        self.out_features = sum(w.shape[0] for w in weights)
-        if any(w.shape[0] % PANEL for w in weights):  # pad once, at the end
-            whole = torch.cat(weights)
-            weights = [F.pad(whole, (0, 0, 0, -whole.shape[0] % PANEL))]
-        panel_count = sum(w.shape[0] for w in weights) // PANEL
-        self.panels = weights[0].new_empty(panel_count, weights[0].shape[1], PANEL)
+        self.out_features = sum(w.shape[0] for w, _ in parts)
+        if any(w.shape[0] % PANEL for w, _ in parts):  # merge, concatenate and pad once, at the end
+            whole = torch.cat([w if update is None else update.merged_into(w) for w, update in parts])
+            parts = [(F.pad(whole, (0, 0, 0, -whole.shape[0] % PANEL)), None)]
+        panel_count = sum(w.shape[0] for w, _ in parts) // PANEL
+        self.panels = parts[0][0].new_empty(panel_count, parts[0][0].shape[1], PANEL)
         first = 0
-        for weight in weights:
-            torch.ops.rlhf.pack_panels(weight.detach(), self.panels, first)
+        for weight, update in parts:
+            factors = (None, None, 1.0) if update is None else (update.b, update.a, update.scale)
+            torch.ops.rlhf.pack_panels(weight.detach(), self.panels, first, *factors)
             first += weight.shape[0] // PANEL
         self.bias = None if bias is None else bias.detach()
 

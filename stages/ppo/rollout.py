@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
@@ -116,8 +117,8 @@ def sample(
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
         logits = logits.float()
-        token = pick(logits / (temperature or 1.0), temperature, generator)
-        logprobs.append(logprobs_and_entropy(logits, token, temperature or 1.0)[0])
+        token, logprob = pick(logits / (temperature or 1.0), temperature, generator)
+        logprobs.append(logprob)
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         finished |= torch.isin(token, stops)
@@ -130,18 +131,41 @@ def sample(
     )
 
 
-def pick(scaled_logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """A token per row from logits already divided by the temperature (greedy at temperature 0).
+def pick(
+    scaled_logits: Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """A token per row from logits already divided by the temperature (greedy at temperature 0), and its
+    log-prob under softmax(scaled_logits)."""
+    probs = torch.softmax(scaled_logits, dim=-1)
+    token = scaled_logits.argmax(-1) if temperature == 0 else inverse_cdf(probs, generator)
+    return token, probs.gather(1, token[:, None]).squeeze(1).log()
 
-    Inverse-CDF sampling draws one uniform number per row; torch.multinomial draws one per vocabulary
-    entry, which at a 50k vocabulary costs more than a decode step's attention.
+
+CDF_BLOCK = 256
+
+
+def inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row of `probs` [B, V], drawn with one uniform number per row.
+
+    torch.multinomial draws one number per vocabulary entry, which at a 50k vocabulary costs more than a
+    decode step's attention. The cumulative sum runs in two levels: over blocks of 256 entries, then
+    inside the block that holds the draw, both in double precision (no drift over 50k terms); one
+    cumulative sum over the whole vocabulary in double cost more than the rest of a sampling step.
     """
-    if temperature == 0:
-        return scaled_logits.argmax(-1)
-    cdf = torch.softmax(scaled_logits, dim=-1).double().cumsum(-1)  # double: no drift over 50k terms
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    # side="right": the first entry whose cumulative mass exceeds u, never a zero-probability token.
-    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(1)
+    rows, vocab = probs.shape
+    if vocab % CDF_BLOCK:
+        probs = F.pad(probs, (0, -vocab % CDF_BLOCK))
+    blocks = probs.view(rows, -1, CDF_BLOCK)
+    block_mass = blocks.sum(-1).double()  # 256 terms add up in float; the 50k-term sum runs in double
+    cdf = block_mass.cumsum(-1)
+    u = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # side="right": the first entry whose cumulative mass exceeds u, so never one of zero mass.
+    block = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+    inside = blocks.gather(1, block[..., None].expand(-1, -1, CDF_BLOCK)).squeeze(1).double().cumsum(-1)
+    # What is left of u inside that block, kept in [0, its mass) against rounding between the two levels.
+    rest = (u - cdf.gather(1, block) + block_mass.gather(1, block)).clamp(min=0)
+    rest = torch.minimum(rest, inside[:, -1:] * (1 - 1e-12))
+    return (block * CDF_BLOCK + torch.searchsorted(inside, rest, right=True)).squeeze(1)
 
 
 @contextmanager
