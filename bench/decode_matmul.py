@@ -68,7 +68,7 @@ def main() -> None:
     nbytes = sum(w.numel() for w in weights) * 4
     inputs = {k: torch.randn(8, k, generator=generator) for k in (HIDDEN, MLP)}
     kinds = {
-        "panel": [PanelLinear([w], None) for w in weights],
+        "panel": [PanelLinear([(w, None)], None) for w in weights],
         "oneDNN": [PackedLinear(w, None, 8) for w in weights],
         "F.linear": [lambda x, w=w: F.linear(x, w) for w in weights],
     }

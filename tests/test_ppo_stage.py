@@ -221,6 +221,7 @@ def test_llama_decoder_gives_the_transformers_logits(
     with torch.no_grad():
         decoder = LlamaDecoder(model.get_base_model())
         assert isinstance(decoder.blocks[0].qkv, PanelLinear) == (kernel == "panel")
+        assert decoder.whole_layers == (kernel == "panel")  # each step's layers one decode_layer call each
         if adapter == "disabled":  # the frozen reference: the same trunk without its adapter
             with model.disable_adapter():
                 ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
@@ -233,6 +234,30 @@ def test_llama_decoder_gives_the_transformers_logits(
             assert (ours - without).abs().max() > 1e-2  # the adapter changes the logits: it was merged in
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_the_next_rollout_lays_the_new_weights_out_in_the_last_ones_panels(
+    store, tiny_model_dir, tiny_tokenizer
+):
+    from stages.ppo.decode import TransformersDecoder
+
+    panel_kernel_or_skip()
+    model = lora_model_with_trained_adapter(tiny_model_dir, store)
+    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11]], tiny_tokenizer.pad_token_id, CPU)
+    tokens = torch.randint(3, len(tiny_tokenizer), (2, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with generation_weights(model) as first:
+            before = decode_logits(first, query, mask, tokens)
+            panels = {id(t) for t in first.panel_tensors()}
+        for name, param in model.named_parameters():  # a PPO update in between
+            if "lora_B" in name:
+                param.add_(0.2)
+        with generation_weights(model) as second:
+            assert {id(t) for t in second.panel_tensors()} == panels
+            after = decode_logits(second, query, mask, tokens)
+        expected = decode_logits(TransformersDecoder(model), query, mask, tokens)
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_generation_weights_on_other_architectures_decode_through_the_model(tmp_path, tiny_tokenizer):

@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from stages.ppo.panel_linear import LowRank, PanelLinear, panel_kernel
+from stages.ppo.panel_linear import LowRank, PanelLinear, SpareTensors, panel_kernel
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -142,7 +142,9 @@ def weight_and_update(linear: nn.Module) -> tuple[Tensor, LowRank | None]:
     return effective_weight(linear)[0], None
 
 
-def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int) -> nn.Module:
+def read_only_linear(
+    weights: list[Tensor], bias: Tensor | None, rows_hint: int, spare: SpareTensors | None = None
+) -> nn.Module:
     """The fastest layer computing x @ W^T (+ bias) for W = `weights` stacked, on their device.
 
     On CPU in fp32: our panel kernel where it runs (stages.ppo.panel_linear), else oneDNN's pre-packed
@@ -150,13 +152,13 @@ def read_only_linear(weights: list[Tensor], bias: Tensor | None, rows_hint: int)
     """
     with torch.no_grad():
         if packable(weights[0]) and panel_kernel():
-            return PanelLinear([(w, None) for w in weights], bias)
+            return PanelLinear([(w, None) for w in weights], bias, spare)
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         kind = PackedLinear if packable(weight) else FrozenLinear
         return kind(weight, bias, rows_hint)
 
 
-def fused(linears: list[nn.Module], rows_hint: int) -> nn.Module:
+def fused(linears: list[nn.Module], rows_hint: int, spare: SpareTensors | None = None) -> nn.Module:
     """One linear layer computing several side by side (their outputs concatenated)."""
     bases = [linear.get_base_layer() if isinstance(linear, LoraLayer) else linear for linear in linears]
     bias = None
@@ -166,8 +168,8 @@ def fused(linears: list[nn.Module], rows_hint: int) -> nn.Module:
         )
     with torch.no_grad():
         if packable(bases[0].weight) and panel_kernel():
-            return PanelLinear([weight_and_update(linear) for linear in linears], bias)
-    return read_only_linear([effective_weight(linear)[0] for linear in linears], bias, rows_hint)
+            return PanelLinear([weight_and_update(linear) for linear in linears], bias, spare)
+    return read_only_linear([effective_weight(linear)[0] for linear in linears], bias, rows_hint, spare)
 
 
 @dataclass
@@ -193,7 +195,8 @@ def is_llama(model: PreTrainedModel) -> bool:
 class LlamaDecoder:
     """A Llama decode step from fused, pre-packed weights and a preallocated KV cache (see the module doc)."""
 
-    def __init__(self, model: PreTrainedModel, rows_hint: int = 8):
+    def __init__(self, model: PreTrainedModel, rows_hint: int = 8, spare: SpareTensors | None = None):
+        """`spare`: tensors an earlier decoder is done with (`panel_tensors`), to lay the weights out in."""
         config, trunk = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -203,20 +206,33 @@ class LlamaDecoder:
         self.rotary = trunk.rotary_emb
         self.embed = trunk.embed_tokens.weight.detach()
         self.final_norm = trunk.norm.weight.detach()
-        self.lm_head = fused([model.lm_head], rows_hint)
+        self.lm_head = fused([model.lm_head], rows_hint, spare)
         self.blocks = []
         for layer in trunk.layers:
             attention, mlp = layer.self_attn, layer.mlp
             self.blocks.append(
                 LlamaBlock(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=fused([attention.q_proj, attention.k_proj, attention.v_proj], rows_hint),
-                    o=fused([attention.o_proj], rows_hint),
+                    qkv=fused([attention.q_proj, attention.k_proj, attention.v_proj], rows_hint, spare),
+                    o=fused([attention.o_proj], rows_hint, spare),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=fused([mlp.gate_proj, mlp.up_proj], rows_hint),
-                    down=fused([mlp.down_proj], rows_hint),
+                    gate_up=fused([mlp.gate_proj, mlp.up_proj], rows_hint, spare),
+                    down=fused([mlp.down_proj], rows_hint, spare),
                 )
             )
+        # A step's layers in one call each (panel_linear.cpp's decode_layer) where every product is a
+        # panel kernel one without bias; else one PyTorch operation at a time (`forward`).
+        self.whole_layers = self.embed.dtype == torch.float32 and all(
+            isinstance(linear, PanelLinear) and linear.bias is None
+            for block in self.blocks
+            for linear in (block.qkv, block.o, block.gate_up, block.down)
+        )
+
+    def panel_tensors(self) -> list[Tensor]:
+        linears = [self.lm_head] + [
+            getattr(block, f) for block in self.blocks for f in ("qkv", "o", "gate_up", "down")
+        ]
+        return [linear.panels for linear in linears if isinstance(linear, PanelLinear)]
 
     def prefill(self, query: Tensor, mask: Tensor, new_tokens: int) -> Tensor:
         batch, width = query.shape
@@ -238,16 +254,29 @@ class LlamaDecoder:
         return self.forward(query, positions, 0, visible.unsqueeze(1))
 
     def step(self, token: Tensor) -> Tensor:
-        self.key_bias[:, self.length] = 0
+        slot = self.length
+        self.key_bias[:, slot] = 0
         self.length += 1
-        logits = self.forward(
-            token.unsqueeze(1),
-            self.next_position,
-            self.length - 1,
-            self.key_bias[:, None, None, : self.length],
-        )
+        if self.whole_layers:
+            logits = self.step_whole_layers(token, slot)
+        else:
+            visible = self.key_bias[:, None, None, : self.length]
+            logits = self.forward(token.unsqueeze(1), self.next_position, slot, visible)
         self.next_position = self.next_position + 1
         return logits
+
+    def step_whole_layers(self, token: Tensor, slot: int) -> Tensor:
+        """`forward` for one new token per row, each layer one call to decode_layer."""
+        x = F.embedding(token, self.embed)  # [B, width], the residual stream, updated in place
+        cos, sin = self.rotary(x, self.next_position)  # [B, 1, D]
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        for block, keys, values in zip(self.blocks, self.keys, self.values, strict=True):
+            torch.ops.rlhf.decode_layer(
+                x, block.input_norm, block.qkv.panels, block.o.panels, block.post_norm, block.gate_up.panels,
+                block.down.panels, cos, sin, keys, values, self.key_bias, slot, self.heads, self.kv_heads,
+                self.eps, self.scale,
+            )  # fmt: skip
+        return self.lm_head(F.rms_norm(x, (self.width,), self.final_norm, self.eps))
 
     def forward(self, ids: Tensor, positions: Tensor, start: int, visible: Tensor) -> Tensor:
         """Logits [B, V] after the last of `ids` [B, T], whose cache slots begin at `start`."""

@@ -59,6 +59,28 @@ class LowRank:
         return torch.addmm(weight, self.b, self.a, alpha=self.scale)
 
 
+class SpareTensors:
+    """Tensors a previous decoder of the same model is done with, to pack into again.
+
+    Fresh memory costs a page fault per 4 KiB on first write: for the embedded model's 538 MB of panels
+    that was about as long as the packing itself, every rollout.
+    """
+
+    def __init__(self, tensors: list[Tensor] | None = None):
+        self.by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        for tensor in tensors or []:
+            self.by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+
+    def unused(self) -> list[Tensor]:
+        return [tensor for tensors in self.by_shape.values() for tensor in tensors]
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        spare = self.by_shape.get(shape)
+        if spare and spare[-1].dtype == like.dtype and spare[-1].device == like.device:
+            return spare.pop()
+        return like.new_empty(shape)
+
+
 class PanelLinear(nn.Module):
     """A read-only fp32 linear layer through panel_linear (needs `panel_kernel()`).
 
@@ -67,14 +89,19 @@ class PanelLinear(nn.Module):
     count allows: no merged or concatenated copy of the weights is made.
     """
 
-    def __init__(self, parts: list[tuple[Tensor, LowRank | None]], bias: Tensor | None):
+    def __init__(
+        self,
+        parts: list[tuple[Tensor, LowRank | None]],
+        bias: Tensor | None,
+        spare: SpareTensors | None = None,
+    ):
         super().__init__()
         self.out_features = sum(w.shape[0] for w, _ in parts)
         if any(w.shape[0] % PANEL for w, _ in parts):  # merge, concatenate and pad once, at the end
             whole = torch.cat([w if update is None else update.merged_into(w) for w, update in parts])
             parts = [(F.pad(whole, (0, 0, 0, -whole.shape[0] % PANEL)), None)]
         panel_count = sum(w.shape[0] for w, _ in parts) // PANEL
-        self.panels = parts[0][0].new_empty(panel_count, parts[0][0].shape[1], PANEL)
+        self.panels = (spare or SpareTensors()).take((panel_count, parts[0][0].shape[1], PANEL), parts[0][0])
         first = 0
         for weight, update in parts:
             factors = (None, None, 1.0) if update is None else (update.b, update.a, update.scale)

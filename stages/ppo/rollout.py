@@ -15,6 +15,7 @@ for the model (stages.ppo.decode): merged LoRA weights, laid out for our CPU mat
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from stages.ppo.decode import (
     position_ids,
     read_only_linear,
 )
+from stages.ppo.panel_linear import SpareTensors
 from stages.ppo.rl import logprobs_and_entropy
 
 Decoder = LlamaDecoder | TransformersDecoder
@@ -168,6 +170,11 @@ def inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return (block * CDF_BLOCK + torch.searchsorted(inside, rest, right=True)).squeeze(1)
 
 
+# Per model, the panels (stages.ppo.panel_linear) its last decoder laid its weights out in: kept between
+# rollouts, one more copy of the weights in memory, so that each rollout skips the page faults of fresh ones.
+SPARE_PANELS: weakref.WeakKeyDictionary[nn.Module, list[Tensor]] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder]:
     """The model in its fastest form for generation, as a decoder for `sample`; afterwards it is as before.
@@ -181,10 +188,14 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
     (and break exact resume). Either way the price is one extra copy of the linear weights while
     generating; the originals stay untouched.
     """
-    if is_llama(hf_model(model)):
+    hf = hf_model(model)
+    if is_llama(hf):
+        # The last decoder's weight layout is packed into again (taken, so a nested call makes its own).
+        spare = SpareTensors(SPARE_PANELS.pop(hf, None))
         with torch.no_grad():
-            decoder = LlamaDecoder(hf_model(model), rows_hint)
+            decoder = LlamaDecoder(hf, rows_hint, spare)
         yield decoder
+        SPARE_PANELS[hf] = decoder.panel_tensors() + spare.unused()
         return
     lora_layers = (
         [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
