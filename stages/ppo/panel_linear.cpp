@@ -22,11 +22,11 @@ namespace {
 constexpr int64_t kPanel = 16;       // columns per panel: one AVX-512 register of floats
 constexpr int64_t kPrefetch = 1024;  // floats ahead of the current panel row (4 KiB)
 // Tiles: up to 8 rows x 2 panels where the weights stream from memory (a decode step's few rows); 6 rows x
-// 4 panels where they are reused from cache for many rows (a prefill), so each load feeds more products.
+// 3-4 panels where they are reused from cache for many rows (a prefill), so each load feeds more products.
 constexpr int64_t kStreamRows = 8, kStreamPanels = 2, kReuseRows = 6, kReusePanels = 4;
 
 // Rows x (16 * Panels) outputs: Panels weight streams side by side, each register of weights used Rows times.
-template <int Rows, int Panels>
+template <int Rows, int Panels, bool Stream>
 void panel_tile(const float* x, const float* panel, float* y, int64_t K, int64_t N) {
   __m512 acc[Panels][Rows];
   for (int j = 0; j < Panels; ++j)
@@ -35,7 +35,7 @@ void panel_tile(const float* x, const float* panel, float* y, int64_t K, int64_t
     __m512 w[Panels];
     for (int j = 0; j < Panels; ++j) {
       const float* row = panel + j * K * kPanel + k * kPanel;
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch), _MM_HINT_T0);
+      if (Stream) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch), _MM_HINT_T0);
       w[j] = _mm512_loadu_ps(row);
     }
     for (int r = 0; r < Rows; ++r) {
@@ -47,26 +47,36 @@ void panel_tile(const float* x, const float* panel, float* y, int64_t K, int64_t
     for (int r = 0; r < Rows; ++r) _mm512_storeu_ps(y + r * N + j * kPanel, acc[j][r]);
 }
 
-template <int Panels>
+template <int Panels, bool Stream>
 void panel_rows(const float* x, const float* panel, float* y, int64_t rows, int64_t K, int64_t N) {
   switch (rows) {
-    case 8: return panel_tile<8, Panels>(x, panel, y, K, N);
-    case 7: return panel_tile<7, Panels>(x, panel, y, K, N);
-    case 6: return panel_tile<6, Panels>(x, panel, y, K, N);
-    case 5: return panel_tile<5, Panels>(x, panel, y, K, N);
-    case 4: return panel_tile<4, Panels>(x, panel, y, K, N);
-    case 3: return panel_tile<3, Panels>(x, panel, y, K, N);
-    case 2: return panel_tile<2, Panels>(x, panel, y, K, N);
-    default: return panel_tile<1, Panels>(x, panel, y, K, N);
+    case 8: return panel_tile<8, Panels, Stream>(x, panel, y, K, N);
+    case 7: return panel_tile<7, Panels, Stream>(x, panel, y, K, N);
+    case 6: return panel_tile<6, Panels, Stream>(x, panel, y, K, N);
+    case 5: return panel_tile<5, Panels, Stream>(x, panel, y, K, N);
+    case 4: return panel_tile<4, Panels, Stream>(x, panel, y, K, N);
+    case 3: return panel_tile<3, Panels, Stream>(x, panel, y, K, N);
+    case 2: return panel_tile<2, Panels, Stream>(x, panel, y, K, N);
+    default: return panel_tile<1, Panels, Stream>(x, panel, y, K, N);
   }
 }
 
-void panel_group(const float* x, const float* panel, float* y, int64_t rows, int64_t panels, int64_t K, int64_t N) {
-  switch (panels) {
-    case 4: return panel_rows<4>(x, panel, y, rows, K, N);
-    case 3: return panel_rows<3>(x, panel, y, rows, K, N);
-    case 2: return panel_rows<2>(x, panel, y, rows, K, N);
-    default: return panel_rows<1>(x, panel, y, rows, K, N);
+// Streaming decode rows: pairs of panels, weights prefetched from memory.
+void stream_panels(const float* x, const float* panel, float* y, int64_t rows, int64_t panels, int64_t K, int64_t N) {
+  if (panels == 2) return panel_rows<2, true>(x, panel, y, rows, K, N);
+  return panel_rows<1, true>(x, panel, y, rows, K, N);
+}
+
+// Many rows: up to 4 panels at a time, reused from cache for every block of 6 rows.
+void reuse_panels(const float* x, const float* panel, float* y, int64_t rows, int64_t panels, int64_t K, int64_t N) {
+  for (int64_t r = 0; r < rows; r += kReuseRows) {
+    const int64_t block = std::min(kReuseRows, rows - r);
+    switch (panels) {
+      case 4: panel_rows<4, false>(x + r * K, panel, y + r * N, block, K, N); break;
+      case 3: panel_rows<3, false>(x + r * K, panel, y + r * N, block, K, N); break;
+      case 2: panel_rows<2, false>(x + r * K, panel, y + r * N, block, K, N); break;
+      default: panel_rows<1, false>(x + r * K, panel, y + r * N, block, K, N);
+    }
   }
 }
 
@@ -82,17 +92,24 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
   const float* xs = rows_x.const_data_ptr<float>();
   const float* ws = panels.const_data_ptr<float>();
   float* ys = y.mutable_data_ptr<float>();
-  const bool streaming = rows <= kStreamRows;
-  const int64_t group = streaming ? kStreamPanels : kReusePanels, row_block = streaming ? kStreamRows : kReuseRows;
-  at::parallel_for(0, (P + group - 1) / group, 1, [&](int64_t first, int64_t last) {
-    for (int64_t g = first; g < last; ++g) {
-      const int64_t p = g * group, panels_here = std::min(group, P - p);
-      for (int64_t r = 0; r < rows; r += row_block) {
-        panel_group(xs + r * K, ws + p * K * kPanel, ys + r * N + p * kPanel, std::min(row_block, rows - r),
-                    panels_here, K, N);
+  if (rows <= kStreamRows) {
+    at::parallel_for(0, (P + kStreamPanels - 1) / kStreamPanels, 1, [&](int64_t first, int64_t last) {
+      for (int64_t g = first; g < last; ++g) {
+        const int64_t p = g * kStreamPanels;
+        stream_panels(xs, ws + p * K * kPanel, ys + p * kPanel, rows, std::min(kStreamPanels, P - p), K, N);
       }
-    }
-  });
+    });
+  } else {
+    // Compute-bound: as many groups of 3-4 panels as makes every thread's share equal.
+    const int64_t threads = at::get_num_threads();
+    const int64_t groups = threads * ((P + kReusePanels * threads - 1) / (kReusePanels * threads));
+    at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+      for (int64_t g = first; g < last; ++g) {
+        const int64_t begin = P * g / groups, end = P * (g + 1) / groups;
+        if (end > begin) reuse_panels(xs, ws + begin * K * kPanel, ys + begin * kPanel, rows, end - begin, K, N);
+      }
+    });
+  }
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape);
