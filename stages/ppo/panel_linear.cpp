@@ -277,16 +277,8 @@ void decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor&
 
   rms_norm_rows(xs, post_norm.const_data_ptr<float>(), h.mutable_data_ptr<float>(), batch, width, eps);
   at::Tensor gates = panel_linear(h, gate_up);  // [B, >= 2 inner]: gate, then up
-  const int64_t gate_stride = gates.size(1);
-  at::Tensor activated = at::empty({batch, inner}, x.options());
-  float* act = activated.mutable_data_ptr<float>();
-  const float* g_rows = gates.const_data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < inner; ++i) {
-      const float gate = g_rows[b * gate_stride + i], up = g_rows[b * gate_stride + inner + i];
-      act[b * inner + i] = gate / (1.f + std::exp(-gate)) * up;
-    }
-  }
+  // ATen's SiLU: its exp is vectorised, where a loop here would call the scalar one 12k times a layer.
+  at::Tensor activated = at::silu(gates.narrow(1, 0, inner)).mul_(gates.narrow(1, inner, inner));
   at::Tensor out = panel_linear(activated, down);
   const int64_t out_stride = out.size(1);
   const float* out_rows = out.const_data_ptr<float>();
