@@ -7,8 +7,8 @@
 // each row one AVX-512 register, multiplied into 8 accumulators (one per row of x). A software prefetch
 // 4 KiB ahead keeps the stream going across page boundaries, where the hardware prefetcher stops.
 //
-// More rows (a prompt's prefill) run in blocks of 8 inside each panel, so a panel is read from memory
-// once and from cache for every further block.
+// More rows (a prompt's prefill) run in blocks of 6 over 3-4 panels at a time, so a panel is read from
+// memory once and from cache for every further block.
 
 #include <ATen/Parallel.h>
 #include <cmath>

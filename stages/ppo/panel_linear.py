@@ -1,8 +1,10 @@
-"""The decode step's matrix products on CPUs with AVX-512: our own kernel, panel_linear.cpp.
+"""The decode step on CPUs with AVX-512: our own kernels, panel_linear.cpp.
 
 A decode step at batch 8 reads every weight once for 8 multiply-adds, so it runs at the speed weights
-stream from memory; the kernel streams them about a third faster than oneDNN's pre-packed products
-(bench/RESULTS.md). torch builds it on first use with the machine's C++ compiler and keeps the build
+stream from memory; panel_linear streams them at the speed of a plain sum, about 1.7x oneDNN's
+pre-packed products (bench/decode_matmul.py). pack_panels lays a weight out for it, merging a LoRA
+update on the way; decode_layer runs the rest of a Llama layer's step around its four products.
+torch builds them on first use with the machine's C++ compiler and keeps the build
 (~/.cache/torch_extensions), so only the first rollout on a machine waits for it (about 40 s). Where
 there is no AVX-512 or no compiler, `panel_kernel()` is False and decoding uses oneDNN as before.
 """
