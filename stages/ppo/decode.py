@@ -7,10 +7,11 @@ gives the logits after the prompt, `step(token)` those after one more token. Two
 - `LlamaDecoder` writes the Llama architecture's step out (the embedded SmolLM2 and most small chat
   models are Llamas). A transformers decode step at batch 8 spends more time dispatching its ~700 small
   operations than reading the weights; here the query/key/value and gate/up projections are each one
-  matrix (so four matmuls a layer, not seven), the cache is allocated once for the whole response, RMSNorm
-  is one fused kernel, and on CPU every matrix is laid out for our own matmul kernel (stages.ppo.panel_linear;
-  oneDNN's pre-packed layout where that kernel cannot run). It is built from the model's
-  weights as they are at that moment, with LoRA adapters merged in, and leaves the model untouched.
+  matrix (so four matmuls a layer, not seven) and the cache is allocated once for the whole response. On
+  CPUs with AVX-512 every matrix is laid out for our own kernels (stages.ppo.panel_linear), which also run
+  each layer of a step in one call; elsewhere on CPU the matrices are pre-packed for oneDNN. It is built
+  from the model's weights as they are at that moment, with LoRA adapters merged in, and leaves the
+  model untouched.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ class LlamaDecoder:
         batch, length = q.shape[:2]
         if length == 1:
             # One query per head: the query heads sharing a key/value head become that head's queries,
-            # so the cache is read as it is, never repeated per query head (as enable_gqa does).
+            # one pass over each head's cache (a quarter faster than enable_gqa here: bench/RESULTS.md).
             grouped = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             attended = F.scaled_dot_product_attention(
                 grouped, keys, values, attn_mask=visible, scale=self.scale
