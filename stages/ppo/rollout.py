@@ -186,7 +186,8 @@ def generation_weights(model: nn.Module, rows_hint: int = 8) -> Iterator[Decoder
     Unlike peft's merge_adapter()/unmerge_adapter(), nothing is ever subtracted back: W + BA - BA would
     round differently from W and slowly drift the frozen reference the KL penalty is measured against
     (and break exact resume). Either way the price is one extra copy of the linear weights while
-    generating; the originals stay untouched.
+    generating (between rollouts too, where a Llama's go through the panel kernel: SPARE_PANELS); the
+    originals stay untouched.
     """
     hf = hf_model(model)
     if is_llama(hf):
