@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,10 +76,21 @@ def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 512):
     return fast
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator inside, and put its earlier state back after.
+
+    Module initialisers (nn.Linear, peft's adapters) draw from the global generator, so a model built
+    without this would depend on whatever the tests before it drew, and would change what comes after.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -91,7 +104,9 @@ def build_tiny_llama(tokenizer, out_dir: Path, *, seed: int = 0, hidden: int = 3
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    with seeded(seed):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

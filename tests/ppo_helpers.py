@@ -90,6 +90,17 @@ def publish_tiny_pair(store: ArtifactStore, policy_dir: Path, tokenizer, tmp_pat
     return sft.id, reward.id
 
 
+def randomise_adapter(model: torch.nn.Module, *, seed: int) -> None:
+    """Give every LoRA factor random values from a local generator, so the adapter changes the outputs
+    (peft starts B at zero) and is the same whatever the tests before drew from the global generator."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                std = 0.1 if "lora_A" in name else 0.3
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
 def liked_share(tokenizer, token_ids: list[int]) -> float:
     liked = set(liked_tokens(tokenizer))
     return sum(t in liked for t in token_ids) / max(len(token_ids), 1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch
-from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, write_config
+from conftest import accelerate_launch, seeded
+from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, randomise_adapter, write_config
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -95,10 +95,7 @@ def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_wa
     store, policy_dir, tiny_tokenizer
 ):
     model = apply_lora(load_causal_lm(resolve_model(str(policy_dir), store), store), LoraSettings(r=4)).eval()
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    randomise_adapter(model, seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     modules = [(name, type(m)) for name, m in model.named_modules()]
     prompts = [
@@ -133,10 +130,7 @@ def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_wa
 
 def lora_model_with_trained_adapter(model_dir, store):
     model = apply_lora(load_causal_lm(resolve_model(str(model_dir), store), store), LoraSettings(r=4)).eval()
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    randomise_adapter(model, seed=0)
     return model
 
 
@@ -266,15 +260,13 @@ def test_generation_weights_on_other_architectures_decode_through_the_model(tmp_
 
     from stages.ppo.decode import TransformersDecoder
 
-    torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tiny_tokenizer.pad_token_id,
     )  # fmt: skip
-    model = apply_lora(Qwen2ForCausalLM(config), LoraSettings(r=4)).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    with seeded(0):
+        model = apply_lora(Qwen2ForCausalLM(config), LoraSettings(r=4)).eval()
+    randomise_adapter(model, seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU)
     settings = dict(max_new_tokens=6, temperature=0.0, stop_ids=[], pad_id=tiny_tokenizer.pad_token_id)
@@ -297,10 +289,7 @@ def test_critic_on_the_top_layers_shares_the_lower_ones_with_the_reward_model(
 
     rm = load_reward_model(resolve_model(str(tiny_model_dir), store), store)
     critic = TokenValues(apply_lora(rm, LoraSettings(r=4), "SEQ_CLS", layers=[1]), 0.5, 2.0, shared_layers=1)
-    torch.manual_seed(0)
-    for name, param in critic.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    randomise_adapter(critic, seed=0)
     assert not any("layers.0." in name and "lora_" in name for name, _ in critic.named_parameters())
     prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11], [7, 8]]
     query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
@@ -342,10 +331,7 @@ def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
     model = apply_lora(
         load_causal_lm(resolve_model(str(tiny_model_dir), store), store), LoraSettings(r=4), layers=[1]
     )
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    randomise_adapter(model, seed=0)
     query, query_mask = left_pad(
         [prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU
     )
@@ -409,9 +395,15 @@ def test_passes_over_packed_rollouts_equal_the_padded_ones(store, published, tin
         torch.testing.assert_close(packed[key][response_real], padded[key][response_real])
     torch.testing.assert_close(packed["values"][real], padded["values"][real])
     torch.testing.assert_close(packed["scores"], padded["scores"])
-    grads = [key for key in padded if "lora_" in key]
-    assert grads and all(torch.allclose(packed[k], padded[k], atol=1e-6) for k in grads)
     assert packed.keys() == padded.keys()
+    grads = [key for key in padded if "lora_" in key]
+    assert grads
+    for key in grads:
+        # The two attention kernels add in different orders: float32 rounding, relative to the largest entry.
+        scale = float(padded[key].abs().max())
+        torch.testing.assert_close(
+            packed[key], padded[key], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def test_reward_scores_match_the_reward_model_on_its_training_layout(store, published, tiny_tokenizer):
