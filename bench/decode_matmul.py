@@ -1,9 +1,9 @@
 """The matrix products of one batch-8 decode step of the embedded model, against reading the same bytes.
 
-Every linear layer of the embedded 135M model (q/k/v and gate/up fused, as stages.ppo.decode runs them,
+Every linear layer of the embedded 135M model (q/k/v and gate/up fused, as pipeline.generation.llama runs them,
 plus the vocabulary projection) multiplied by 8 rows, three ways, each over its own copy of the weights:
 
-- `panel`: our kernel (stages/ppo/panel_linear.cpp) over weights in 16-column panels;
+- `panel`: our kernel (pipeline/generation/panel_linear.cpp) over weights in 16-column panels;
 - `oneDNN`: oneDNN's product over its pre-packed layout (what the decoder used before);
 - `F.linear`: PyTorch's plain fp32 linear.
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.ppo.decode import PackedLinear  # noqa: E402
-from stages.ppo.panel_linear import PanelLinear, panel_kernel  # noqa: E402
+from pipeline.generation.llama import PackedLinear  # noqa: E402
+from pipeline.generation.panel_linear import PanelLinear, build_kernel, kernel_missing_reason  # noqa: E402
 
 # SmolLM2-135M: hidden 576, MLP 1536, 30 layers, 9 query and 3 key/value heads of 64, vocabulary 49152.
 HIDDEN, MLP, LAYERS, QKV, VOCAB = 576, 1536, 30, 576 + 2 * 192, 49152
@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not panel_kernel():
-        sys.exit("the panel kernel does not run here (it needs an AVX-512 CPU and a C++ compiler)")
+    if kernel_missing_reason():
+        sys.exit(f"the panel kernel does not run here: {kernel_missing_reason()}")
+    build_kernel()
 
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=generator) * 0.02 for n, k in SHAPES]

@@ -244,8 +244,9 @@ def prompt_scores(work: Path, setup: dict, adapter: Path | None) -> list[float]:
 
     sys.path.insert(0, str(REPO))
     from pipeline.chat import stop_token_ids
+    from pipeline.generation import SamplingSettings, make_engine
     from pipeline.models import load_tokenizer
-    from stages.ppo.rollout import TokenValues, generation_weights, last_token_scores, left_pad, sample
+    from pipeline.scoring import RewardScorer
 
     tokenizer = load_tokenizer(str(work / "policy"))
     policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.float32)
@@ -254,20 +255,19 @@ def prompt_scores(work: Path, setup: dict, adapter: Path | None) -> list[float]:
     rm = AutoModelForSequenceClassification.from_pretrained(
         work / "reward", num_labels=1, dtype=torch.float32
     )
+    scorer = RewardScorer(rm).eval()
     prompts = setup["eval_ids"]
     totals = [0.0] * len(prompts)
     generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad(), generation_weights(policy, rows_hint=16) as decoder:
+    # Both sides' policies are sampled the same way: the hf engine (any architecture, our sampler).
+    engine = make_engine("hf", policy, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+    engine.sync(policy)
+    settings = SamplingSettings(max_new_tokens=setup["response_length"], temperature=1.0)
+    with torch.no_grad():
         for _ in range(setup["eval_samples"]):
             for start in range(0, len(prompts), 16):
-                query, mask = left_pad(
-                    prompts[start : start + 16], tokenizer.pad_token_id, torch.device("cpu")
-                )
-                seq = sample(
-                    decoder, query, mask, max_new_tokens=setup["response_length"], temperature=1.0,
-                    stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
-                )  # fmt: skip
-                for i, score in enumerate(last_token_scores(TokenValues(rm), seq).tolist()):
+                seq = engine.sample(prompts[start : start + 16], settings, generator)
+                for i, score in enumerate(scorer(seq.input_ids, seq.attention_mask).tolist()):
                     totals[start + i] += score
     return [total / setup["eval_samples"] for total in totals]
 

@@ -38,11 +38,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pipeline.chat import tokenize_completion  # noqa: E402
 from pipeline.datasets import load_records  # noqa: E402
 from pipeline.models import EMBEDDED_MODEL, LoraSettings, load_tokenizer, resolve_model  # noqa: E402
+from pipeline.scoring import RewardScorer  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 from stages.reward import train as reward_train  # noqa: E402
 from stages.reward.groups import bucket_batches, collate, tokenize_comparisons  # noqa: E402
 from stages.reward.losses import add_sums, ranking_metrics, ranking_sums  # noqa: E402
-from stages.reward.scorer import RewardScorer  # noqa: E402
 
 SHARED = Path(os.environ.get("RLHF_SHARED_DATA", REPO.parent / "shared" / "data"))
 LORA = LoraSettings(r=16, alpha=32)

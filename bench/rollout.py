@@ -1,14 +1,13 @@
 """PPO rollout speed on the embedded 135M model with a LoRA adapter, against this machine's roofline.
 
 For batch sizes 1, 8 and 32, generates `--new-tokens` tokens per prompt (no early stop, so every run
-produces exactly batch x new_tokens tokens) from the demo prompts, three ways:
+produces exactly batch x new_tokens tokens) from the demo prompts, through:
 
-- `generate`: transformers' `generate` on the peft model as it is (adapter unmerged, sampling);
-- ours: stages.ppo.rollout.sample (own KV-cache decode loop) inside generation_weights (W + BA merged,
-  every linear layer laid out for our panel kernel, stages/ppo/panel_linear.cpp; the merging and
-  packing are timed as part of the rollout);
-- `oneDNN`: the same with oneDNN's pre-packed products instead of the panel kernel (where the kernel
-  cannot run, ours is this).
+- `generate`: transformers' `generate` on the peft model as it is (adapter unmerged, sampling): the peer;
+- each rollout engine of pipeline.generation that runs here: `hf` (generate on a merged inference copy,
+  drawing with our sampler), `cpu-llama` (our Llama decode step, oneDNN products) and `cpu-kernel` (the
+  same with our AVX-512 kernel, pipeline/generation/panel_linear.cpp). An engine's `sync` (merging the
+  adapter, laying the weights out) is timed as part of its rollout, as PPO pays it once per step.
 
 The bound per decode step is max(2 x params x batch FLOPs at the fp32 matmul peak, weight bytes at the
 memory bandwidth), both measured here in the same run (best of several large matmuls; best of several
@@ -34,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.chat import prompt_ids  # noqa: E402
 from pipeline.datasets import load_records  # noqa: E402
+from pipeline.generation import SamplingSettings, left_pad, make_engine  # noqa: E402
+from pipeline.generation.panel_linear import kernel_missing_reason  # noqa: E402
 from pipeline.models import (  # noqa: E402
     EMBEDDED_MODEL,
     LoraSettings,
@@ -44,9 +45,6 @@ from pipeline.models import (  # noqa: E402
     resolve_model,
 )
 from pipeline.store import ArtifactStore  # noqa: E402
-from stages.ppo import decode  # noqa: E402
-from stages.ppo.panel_linear import panel_kernel  # noqa: E402
-from stages.ppo.rollout import generation_weights, left_pad, sample  # noqa: E402
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 8) -> float:
@@ -78,13 +76,9 @@ def plain_generate(model, query, mask, n: int, pad_id: int) -> None:
     assert out.shape[1] == query.shape[1] + n
 
 
-def merged_sample(model, query, mask, n: int, pad_id: int, kernel: bool = True) -> None:
-    decode.panel_kernel = panel_kernel if kernel else lambda: False
-    with generation_weights(model) as decoder:
-        seq = sample(
-            decoder, query, mask, max_new_tokens=n, temperature=1.0, stop_ids=[], pad_id=pad_id,
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+def engine_rollout(engine, model, prompts, n: int) -> None:
+    engine.sync(model)
+    seq = engine.sample(prompts, SamplingSettings(max_new_tokens=n), torch.Generator().manual_seed(0))
     assert seq.response.shape[1] == n
 
 
@@ -106,11 +100,11 @@ def main() -> None:
     model = load_causal_lm(resolved, store)
     match_vocab(model, tokenizer)
     model = apply_lora(model, LoraSettings(r=16, alpha=32)).eval()
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter (peft starts B at zero, which merges to nothing)
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 1e-3)
+                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
     params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     weight_bytes = params * 4
 
@@ -123,31 +117,34 @@ def main() -> None:
         for r in load_records(REPO / "data/demo/prompts.jsonl", "prompt").records
     ]
     n = args.new_tokens
-    print(f"panel kernel: {'yes' if panel_kernel() else 'no (ours is the oneDNN path)'}")
-    print(f"{'batch':>5} {'bound tok/s':>12} {'generate':>9} {'%':>4} {'oneDNN':>7} {'%':>4} "
-          f"{'ours tok/s':>11} {'%':>4} {'vs generate':>12} {'vs oneDNN':>10}")  # fmt: skip
+    names = ["hf", "cpu-llama"] + ([] if kernel_missing_reason() else ["cpu-kernel"])
+    print(f"engines: {', '.join(names)}" + (f" (cpu-kernel: {kernel_missing_reason()})" if kernel_missing_reason() else ""))
+    # stop_ids=[]: no early stop, every run makes exactly batch x n tokens.
+    engines = {name: make_engine(name, model, stop_ids=[], pad_id=tokenizer.pad_token_id) for name in names}
+    columns = ["generate", *names]
+    print(f"{'batch':>5} {'bound tok/s':>12} " + " ".join(f"{c:>10} {'%':>4}" for c in columns)
+          + " " + " ".join(f"{c + ' vs gen':>16}" for c in names))  # fmt: skip
     results = {}
     for batch in args.batches:
-        query, mask = left_pad(prompts[:batch], tokenizer.pad_token_id, torch.device("cpu"))
+        batch_prompts = prompts[:batch]
+        query, mask = left_pad(batch_prompts, tokenizer.pad_token_id, torch.device("cpu"))
         step = max(2 * params * batch / peak, weight_bytes / bandwidth)
         bound = batch / step
 
         with torch.no_grad():
-            times = {"generate": [], "oneDNN": [], "ours": []}
-            pad = tokenizer.pad_token_id
+            times = {c: [] for c in columns}
             for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
-                times["generate"].append(timed(plain_generate, model, query, mask, n, pad))
-                times["oneDNN"].append(timed(merged_sample, model, query, mask, n, pad, False))
-                times["ours"].append(timed(merged_sample, model, query, mask, n, pad, True))
+                times["generate"].append(timed(plain_generate, model, query, mask, n, tokenizer.pad_token_id))
+                for name, engine in engines.items():
+                    times[name].append(timed(engine_rollout, engine, model, batch_prompts, n))
         rate = {k: batch * n / statistics.median(v) for k, v in times.items()}
         results[batch] = rate
-        share = {k: 100 * v / bound for k, v in rate.items()}
-        print(f"{batch:>5} {bound:>12.1f} {rate['generate']:>9.1f} {share['generate']:>4.0f} "
-              f"{rate['oneDNN']:>7.1f} {share['oneDNN']:>4.0f} {rate['ours']:>11.1f} {share['ours']:>4.0f} "
-              f"{rate['ours'] / rate['generate']:>11.2f}x {rate['ours'] / rate['oneDNN']:>9.2f}x")  # fmt: skip
+        print(f"{batch:>5} {bound:>12.1f} " + " ".join(f"{rate[c]:>10.1f} {100 * rate[c] / bound:>4.0f}" for c in columns)
+              + " " + " ".join(f"{rate[c] / rate['generate']:>15.2f}x" for c in names))  # fmt: skip
     if 8 in results:
         step = max(2 * params * 8 / peak, weight_bytes / bandwidth)
-        print(f"batch-8 rollout: {100 * results[8]['ours'] * step / 8:.0f}% of the roofline bound")
+        for name in names:
+            print(f"batch-8 rollout, {name}: {100 * results[8][name] * step / 8:.0f}% of the roofline bound")
 
 
 if __name__ == "__main__":

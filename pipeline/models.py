@@ -42,7 +42,8 @@ MODEL_CARD = "rlhf_model.json"
 
 
 class ModelError(RuntimeError):
-    """A model source that cannot be found or loaded; the message names the fix."""
+    """A model source that cannot be found or loaded, or a model a setting cannot use; the message names
+    the fix."""
 
 
 @dataclass
@@ -274,3 +275,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under the distributed wrappers (DDP, DeepSpeed) and peft's (with its LoRA
+    layers still in place)."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -82,10 +82,11 @@ def test_shaped_rewards_put_the_score_on_the_last_valid_token():
     close(rl.last_token_index(mask), [2.0, 1.0])
 
 
-def test_standardize_scores_clips_in_standard_units():
-    # (3 - 1) / 2 = 1; (-10 - 1) / 2 = -5.5 -> clipped to -3.
-    close(rl.standardize_scores(torch.tensor([3.0, -10.0]), mean=1.0, std=2.0, clip=3.0), [1.0, -3.0])
-    close(rl.standardize_scores(torch.tensor([-10.0]), mean=1.0, std=2.0, clip=None), [-5.5])
+def test_scores_are_clipped_then_penalised_for_a_missing_stop_token():
+    # clip 3: 1 stays, -5.5 -> -3, 4 -> 3; penalty 1 on the rows without a stop token (the last two).
+    scores, ended = torch.tensor([1.0, -5.5, 4.0]), torch.tensor([True, False, False])
+    close(rl.clip_and_penalise(scores, ended, clip=3.0, missing_stop_penalty=1.0), [1.0, -4.0, 2.0])
+    close(rl.clip_and_penalise(scores, ended, clip=3.0, missing_stop_penalty=None), [1.0, -3.0, 3.0])
 
 
 def test_clipped_policy_loss_inside_and_outside_the_clip_range():

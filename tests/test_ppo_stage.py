@@ -1,4 +1,4 @@
-"""Stage 3 end to end on tiny models: rollout layout, learning a known reward, options, several processes."""
+"""Stage 3 on tiny models: the shared-layer passes, learning a known reward, options, several processes."""
 
 from __future__ import annotations
 
@@ -7,34 +7,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, seeded
+from conftest import accelerate_launch
 from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, randomise_adapter, write_config
 from safetensors.torch import load_file
 from torch import Tensor
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_completion
 from pipeline.config import load_config
+from pipeline.generation import SamplingSettings, Sequences, left_pad, make_engine
+from pipeline.generation.sampling import truncate_at_stop
 from pipeline.models import (
     LoraSettings,
+    ModelError,
     apply_lora,
     load_causal_lm,
     load_reward_model,
     read_card,
     resolve_model,
 )
-from stages.ppo.rollout import (
-    Sequences,
-    TokenValues,
-    generation_weights,
-    last_token_scores,
-    left_pad,
-    position_ids,
-    response_logprobs,
-    response_values,
-    sample,
-    truncate_at_stop,
-)
-from stages.ppo.train import Config, run
+from pipeline.packed_attention import use_packed_attention
+from stages.ppo import rl
+from stages.ppo.critic import TrunkCritic, Units
+from stages.ppo.passes import Shared, packs, response_slice
+from stages.ppo.policy import Policy
+from stages.ppo.train import Config, Rollouts, health_problem, run
 
 CPU = torch.device("cpu")
 PROMPT = [{"role": "user", "content": "why do cats purr"}]
@@ -59,343 +55,119 @@ def published(store, policy_dir, tiny_tokenizer, tmp_path):
     return publish_tiny_pair(store, policy_dir, tiny_tokenizer, tmp_path)
 
 
-# -- rollout layout --------------------------------------------------------------------------------
+def rollouts_of(
+    tiny_tokenizer, prompts: list[list[int]], responses: Tensor, response_mask: Tensor
+) -> Sequences:
+    """A batch of finished rollouts with left-padded prompts and responses cut short (right padding)."""
+    query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
+    rows = len(prompts)
+    return Sequences(query, query_mask, responses, response_mask, torch.ones(rows, dtype=torch.bool),
+                     torch.zeros(responses.shape))  # fmt: skip
 
 
-def test_sampling_draws_from_the_softmax_and_never_a_zero_probability_token():
-    """The two-level inverse CDF against the probabilities it samples from, over blocks and a ragged end."""
-    from stages.ppo.rollout import CDF_BLOCK, pick
-
-    vocab = 3 * CDF_BLOCK + 7  # the last block is padding but for 7 entries
-    logits = torch.full((vocab,), float("-inf"))
-    support = torch.tensor([0, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 5, vocab - 1])
-    logits[support] = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
-    rows = 20_000
-    tokens, logprobs = pick(logits.expand(rows, vocab), 1.0, torch.Generator().manual_seed(0))
-    assert set(tokens.tolist()) <= set(support.tolist())
-    expected = torch.softmax(logits[support], -1)
-    observed = torch.stack([(tokens == t).float().mean() for t in support])
-    assert (observed - expected).abs().max() < 4 * (expected * (1 - expected) / rows).sqrt().max()
-    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[tokens])
-    greedy, _ = pick(logits[None], 0.0, None)
-    assert greedy.item() == 2 * CDF_BLOCK + 5
-
-
-def test_left_padding_positions_and_truncation_at_the_stop_token():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=CPU)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
-    response = torch.tensor([[4, 2, 9, 2], [4, 4, 4, 4]])
-    kept, keep, ended = truncate_at_stop(response, stop_ids=[2], pad_id=0)
-    assert kept.tolist() == [[4, 2, 0, 0], [4, 4, 4, 4]]  # the stop token stays, what follows is masked
-    assert keep.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
-
-
-def test_generation_weights_sample_like_the_adapter_and_leave_the_model_as_it_was(
-    store, policy_dir, tiny_tokenizer
-):
-    model = apply_lora(load_causal_lm(resolve_model(str(policy_dir), store), store), LoraSettings(r=4)).eval()
-    randomise_adapter(model, seed=0)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    modules = [(name, type(m)) for name, m in model.named_modules()]
-    prompts = [
-        prompt_ids(tiny_tokenizer, PROMPT),
-        prompt_ids(tiny_tokenizer, [{"role": "user", "content": "hi"}]),
-    ]
-    query, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
-    settings = dict(
-        max_new_tokens=8,
-        temperature=0.0,
-        stop_ids=stop_token_ids(tiny_tokenizer),
-        pad_id=tiny_tokenizer.pad_token_id,
+def adapted(model, layers=None):
+    model = apply_lora(
+        model, LoraSettings(r=4), "SEQ_CLS" if "ForSequence" in type(model).__name__ else "CAUSAL_LM", layers
     )
-    with generation_weights(model) as decoder:
-        merged = sample(decoder, query, mask, generator=None, **settings)
-    plain = sample(model, query, mask, generator=None, **settings)
-    assert torch.equal(merged.response, plain.response)
-    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
-    assert [(name, type(m)) for name, m in model.named_modules()] == modules
-    # Batched, left-padded sampling agrees with each prompt alone.
-    alone = sample(
-        model, query[1:, -len(prompts[1]) :], mask[1:, -len(prompts[1]) :], generator=None, **settings
-    )
-    assert torch.equal(alone.response[0], plain.response[1, : alone.response.shape[1]])
-    # The rollout log-probs from the sampling loop (merged weights, KV cache) are those a full forward
-    # pass through the adapter gives, up to float rounding; padding does not change them.
-    logprobs = response_logprobs(model, plain, 1.0)
-    torch.testing.assert_close(merged.logprobs, logprobs * merged.response_mask, atol=1e-4, rtol=0)
-    single = response_logprobs(model, alone, 1.0)
-    torch.testing.assert_close(single[0], logprobs[1, : single.shape[1]], atol=1e-5, rtol=0)
-
-
-def lora_model_with_trained_adapter(model_dir, store):
-    model = apply_lora(load_causal_lm(resolve_model(str(model_dir), store), store), LoraSettings(r=4)).eval()
     randomise_adapter(model, seed=0)
     return model
 
 
-def decode_logits(decoder, query, mask, tokens: Tensor) -> Tensor:
-    """Logits after the prompt and after each of `tokens` [B, S], fed in turn: [B, S + 1, V]."""
-    logits = [decoder.prefill(query, mask, tokens.shape[1])]
-    logits += [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
-    return torch.stack(logits, dim=1)
-
-
-def panel_kernel_or_skip() -> None:
-    from stages.ppo.panel_linear import panel_kernel
-
-    if not panel_kernel():
-        pytest.skip("the panel kernel needs an AVX-512 CPU and a C++ compiler")
-
-
-@pytest.mark.parametrize(
-    ("parts", "rows", "lora"),
-    [
-        ([576, 192, 192], 8, False),
-        ([576, 192, 192], 8, True),
-        ([40, 8], 13, True),
-        ([17], 1, False),
-        ([33, 31], 3, True),
-    ],
-)
-def test_panel_linear_equals_a_plain_linear(parts, rows, lora):
-    """Outputs stacked from several weights with their LoRA updates merged in, padded to whole panels, rows
-    in blocks of 8 and a remainder."""
-    from stages.ppo.panel_linear import LowRank, PanelLinear
-
-    panel_kernel_or_skip()
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, 24, generator=generator) for n in parts]
-    updates = [None] * len(parts)
-    if lora:
-        updates = [
-            LowRank(torch.randn(n, 4, generator=generator), torch.randn(4, 24, generator=generator), 0.5)
-            for n in parts
-        ]
-    bias = torch.randn(sum(parts), generator=generator)
-    x = torch.randn(2, rows, 24, generator=generator)
-    merged = [w if u is None else w + 0.5 * u.b @ u.a for w, u in zip(weights, updates, strict=True)]
-    expected = torch.nn.functional.linear(x, torch.cat(merged), bias)
-    layer = PanelLinear(list(zip(weights, updates, strict=True)), bias)
-    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
-
-
-def test_a_kernel_that_does_not_build_falls_back_with_a_warning(monkeypatch):
-    import torch.utils.cpp_extension
-
-    from stages.ppo import panel_linear
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*oneDNN"):
-        assert panel_linear.panel_kernel.__wrapped__() is False
-
-
-@pytest.mark.parametrize("kernel", ["panel", "onednn"])
-@pytest.mark.parametrize("adapter", ["merged", "disabled"])
-def test_llama_decoder_gives_the_transformers_logits(
-    store, tiny_model_dir, tiny_tokenizer, adapter, kernel, monkeypatch
-):
-    """Our written-out Llama step (fused, packed, preallocated cache) against the model's own forward."""
-    from stages.ppo import decode
-    from stages.ppo.decode import LlamaDecoder, TransformersDecoder
-    from stages.ppo.panel_linear import PanelLinear
-
-    if kernel == "panel":
-        panel_kernel_or_skip()
-    else:
-        monkeypatch.setattr(decode, "panel_kernel", lambda: False)
-    model = lora_model_with_trained_adapter(tiny_model_dir, store)
-    prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11]]  # left padding on the second row
-    query, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
-    tokens = torch.randint(3, len(tiny_tokenizer), (2, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        decoder = LlamaDecoder(model.get_base_model())
-        assert isinstance(decoder.blocks[0].qkv, PanelLinear) == (kernel == "panel")
-        assert decoder.whole_layers == (kernel == "panel")  # each step's layers one decode_layer call each
-        if adapter == "disabled":  # the frozen reference: the same trunk without its adapter
-            with model.disable_adapter():
-                ours = decode_logits(LlamaDecoder(model.get_base_model()), query, mask, tokens)
-                theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
-        else:
-            ours = decode_logits(decoder, query, mask, tokens)
-            theirs = decode_logits(TransformersDecoder(model), query, mask, tokens)
-            with model.disable_adapter():
-                without = decode_logits(TransformersDecoder(model), query, mask, tokens)
-            assert (ours - without).abs().max() > 1e-2  # the adapter changes the logits: it was merged in
-    assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
-def test_the_next_rollout_lays_the_new_weights_out_in_the_last_ones_panels(
-    store, tiny_model_dir, tiny_tokenizer
-):
-    from stages.ppo.decode import TransformersDecoder
-
-    panel_kernel_or_skip()
-    model = lora_model_with_trained_adapter(tiny_model_dir, store)
-    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11]], tiny_tokenizer.pad_token_id, CPU)
-    tokens = torch.randint(3, len(tiny_tokenizer), (2, 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        with generation_weights(model) as first:
-            before = decode_logits(first, query, mask, tokens)
-            panels = {id(t) for t in first.panel_tensors()}
-        for name, param in model.named_parameters():  # a PPO update in between
-            if "lora_B" in name:
-                param.add_(0.2)
-        with generation_weights(model) as second:
-            assert {id(t) for t in second.panel_tensors()} == panels
-            after = decode_logits(second, query, mask, tokens)
-        expected = decode_logits(TransformersDecoder(model), query, mask, tokens)
-    assert (after - before).abs().max() > 1e-2
-    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
-
-
-def test_generation_weights_on_other_architectures_decode_through_the_model(tmp_path, tiny_tokenizer):
-    """A model that is not a Llama (here Qwen2, with q/k/v biases) takes the generic path and agrees."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from stages.ppo.decode import TransformersDecoder
-
-    config = Qwen2Config(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tiny_tokenizer.pad_token_id,
-    )  # fmt: skip
-    with seeded(0):
-        model = apply_lora(Qwen2ForCausalLM(config), LoraSettings(r=4)).eval()
-    randomise_adapter(model, seed=0)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU)
-    settings = dict(max_new_tokens=6, temperature=0.0, stop_ids=[], pad_id=tiny_tokenizer.pad_token_id)
-    with generation_weights(model) as decoder:
-        assert isinstance(decoder, TransformersDecoder)
-        merged = sample(decoder, query, mask, generator=None, **settings)
-    plain = sample(model, query, mask, generator=None, **settings)
-    assert torch.equal(merged.response, plain.response)
-    torch.testing.assert_close(merged.logprobs, plain.logprobs, atol=1e-4, rtol=0)
-    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
-
-
-def test_critic_on_the_top_layers_shares_the_lower_ones_with_the_reward_model(
-    store, tiny_model_dir, tiny_tokenizer
-):
-    """Values and scores computed from the shared layers' output equal full passes, before and after
-    Experience.select trims padding columns; only the top layer's adapter and the head get gradients."""
-    from pipeline.models import load_reward_model
-    from stages.ppo.train import Experience
-
-    rm = load_reward_model(resolve_model(str(tiny_model_dir), store), store)
-    critic = TokenValues(apply_lora(rm, LoraSettings(r=4), "SEQ_CLS", layers=[1]), 0.5, 2.0, shared_layers=1)
-    randomise_adapter(critic, seed=0)
-    assert not any("layers.0." in name and "lora_" in name for name, _ in critic.named_parameters())
-    prompts = [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11], [7, 8]]
-    query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id, CPU)
-    response = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(1))
-    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float)
-    seq = Sequences(
-        query, query_mask, response, response_mask, torch.ones(3, dtype=torch.bool), torch.zeros(3, 5)
-    )
-    with torch.no_grad():
-        lower = critic.lower(seq.input_ids, seq.attention_mask)
-        real = seq.attention_mask.bool()
-        full = critic(seq.input_ids, seq.attention_mask)
-        torch.testing.assert_close(critic(seq.input_ids, seq.attention_mask, lower=lower)[real], full[real])
-        with critic.classifier.disable_adapter():  # the reward model itself, from the same shared output
-            reward = critic(seq.input_ids, seq.attention_mask)
-            torch.testing.assert_close(
-                critic(seq.input_ids, seq.attention_mask, lower=lower)[real], reward[real]
-            )
-        assert (reward - full)[real].abs().max() > 1e-3  # the top layer's adapter is live
-
-    # Rows 0 and 2 only: the long prompt's padding columns and the response columns nobody uses are cut.
-    zeros = torch.zeros(3, 5)
-    exp = Experience(seq, zeros, zeros, torch.zeros(3), zeros, zeros, zeros, None, lower)
-    part = exp.select(torch.tensor([2, 1]))
-    assert part.seq.input_ids.shape[1] < seq.input_ids.shape[1]
-    values = response_values(critic, part.seq, part.critic_lower)
-    expected = response_values(critic, part.seq)
-    torch.testing.assert_close(values * part.seq.response_mask, expected * part.seq.response_mask)
-    (values * part.seq.response_mask).sum().backward()
-    trained = {name for name, p in critic.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert trained and all("layers.1." in name or "score" in name for name in trained), trained
+# -- the passes over rollouts ------------------------------------------------------------------------
 
 
 def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
     store, tiny_model_dir, tiny_tokenizer
 ):
-    from stages.ppo.rollout import lower_layers, response_logits
+    """Logits from the shared bottom layers' output equal full passes, for the policy and the reference,
+    before and after a mini-batch's rows are selected; only the top layer's adapter gets gradients."""
+    lm = adapted(load_causal_lm(resolve_model(str(tiny_model_dir), store), store), layers=[1])
+    policy = Policy(lm, reference=None, shared_layers=1)
+    responses = torch.randint(3, len(tiny_tokenizer), (3, 4), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    seq = rollouts_of(tiny_tokenizer, [prompt_ids(tiny_tokenizer, PROMPT), [5, 9], [7]], responses, mask)
+    shared = policy.prepare(seq)
+    assert shared.hidden is not None and shared.hidden.shape[:2] == seq.input_ids.shape
+    kept = mask.bool()
+    full = policy.current_logits(seq)
+    torch.testing.assert_close(policy.logits(seq, shared)[kept], full[kept])
+    reference = policy.reference_logits(seq, shared)
+    torch.testing.assert_close(reference[kept], policy.reference_logits(seq, Shared())[kept])
+    assert (reference - full)[kept].abs().max() > 1e-3  # the top layer's adapter is live
+    zeros = torch.zeros(3, 4)
+    rollouts = Rollouts(seq, shared, Shared(), zeros, zeros, torch.zeros(3), zeros, zeros, zeros)
+    part = rollouts.select(torch.tensor([2, 1]))
+    assert part.seq.input_ids.shape[1] < seq.input_ids.shape[1]  # padding columns nobody uses are cut
+    logits = policy.logits(part.seq, part.policy_shared)
+    part_kept = part.seq.response_mask.bool()
+    torch.testing.assert_close(logits[part_kept], policy.current_logits(part.seq)[part_kept])
+    logprobs, _ = rl.logprobs_and_entropy(logits, part.seq.response)
+    (logprobs * part.seq.response_mask).sum().backward()
+    grads = {name for name, p in lm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("layers.1." in name for name in grads), grads
 
-    model = apply_lora(
-        load_causal_lm(resolve_model(str(tiny_model_dir), store), store), LoraSettings(r=4), layers=[1]
+
+def test_critic_on_the_top_layers_shares_the_lower_ones_with_the_reward_model(
+    store, tiny_model_dir, tiny_tokenizer
+):
+    """Values and scores computed from the shared layers' output equal full passes; the reward model is
+    the critic's trunk with its adapter off; only the top layer's adapter and the head get gradients."""
+    rm = adapted(load_reward_model(resolve_model(str(tiny_model_dir), store), store), layers=[1])
+    units = Units(0.5, 2.0)
+    critic = TrunkCritic(rm, None, shared_layers=1, value_units=units, reward_units=units)
+    full = TrunkCritic(rm, None, shared_layers=0, value_units=units, reward_units=units)
+    responses = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float)
+    seq = rollouts_of(
+        tiny_tokenizer, [prompt_ids(tiny_tokenizer, PROMPT), [5, 9, 11], [7, 8]], responses, mask
     )
-    randomise_adapter(model, seed=0)
-    query, query_mask = left_pad(
-        [prompt_ids(tiny_tokenizer, PROMPT), [5, 9]], tiny_tokenizer.pad_token_id, CPU
-    )
-    response = torch.randint(3, len(tiny_tokenizer), (2, 4), generator=torch.Generator().manual_seed(1))
-    seq = Sequences(
-        query, query_mask, response, torch.ones(2, 4), torch.ones(2, dtype=torch.bool), torch.zeros(2, 4)
-    )
-    lower = lower_layers(model, 1, seq.input_ids, seq.attention_mask)
-    torch.testing.assert_close(response_logits(model, seq, lower), response_logits(model, seq))
-    with model.disable_adapter():  # the reference
-        reference = response_logits(model, seq)
-        torch.testing.assert_close(response_logits(model, seq, lower), reference)
-    assert (reference - response_logits(model, seq)).abs().max() > 1e-3
-    adapted = {
-        name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name
-    }
-    assert adapted == {"1"}
+    shared = critic.prepare(seq)
+    kept = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(critic.values(seq, shared)[kept], full.values(seq, Shared())[kept])
+        scores = critic.scores(seq, shared)
+        torch.testing.assert_close(scores, full.scores(seq, Shared()))
+        with rm.disable_adapter():
+            without = full.values(seq, Shared())
+        assert (without - full.values(seq, Shared()))[kept].abs().max() > 1e-3  # the adapter is live
+    values = critic.values(seq, shared)
+    (values * mask).sum().backward()
+    trained = {name for name, p in rm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("layers.1." in name or "score" in name for name in trained), trained
 
 
 def test_passes_over_packed_rollouts_equal_the_padded_ones(store, published, tiny_model_dir, tiny_tokenizer):
-    from pipeline.packed_attention import use_packed_attention
-    from stages.ppo import rl
-    from stages.ppo.rollout import hf_model, lower_layers, packs, response_logits
-
-    model = lora_model_with_trained_adapter(tiny_model_dir, store)
+    """The policy's logits and gradients, the values and the scores are the same whether the real tokens
+    are packed into one row or the batch runs padded."""
+    lm = adapted(load_causal_lm(resolve_model(str(tiny_model_dir), store), store))
     rm = load_reward_model(resolve_model("reward:latest", store), store).eval()
-    # Prompts of three lengths (left padding) and responses cut short (right padding).
-    query, query_mask = left_pad(
-        [prompt_ids(tiny_tokenizer, PROMPT), [5, 9], [7]], tiny_tokenizer.pad_token_id, CPU
-    )
-    response = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(2))
-    response_mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 4 + [0.0]])
-    seq = Sequences(
-        query, query_mask, response, response_mask, torch.ones(3, dtype=torch.bool), torch.zeros(3, 5)
-    )
+    policy = Policy(lm, reference=None, shared_layers=0)
+    critic = TrunkCritic(rm, rm, shared_layers=0, value_units=Units(), reward_units=Units())
+    responses = torch.randint(3, len(tiny_tokenizer), (3, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 4 + [0.0]])
+    seq = rollouts_of(tiny_tokenizer, [prompt_ids(tiny_tokenizer, PROMPT), [5, 9], [7]], responses, mask)
 
     def passes() -> dict[str, Tensor]:
-        logits = response_logits(model, seq)
-        logprobs, _ = rl.logprobs_and_entropy(logits, response)
-        model.zero_grad()
-        (logprobs * response_mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        logits = policy.logits(seq, Shared())
+        logprobs, _ = rl.logprobs_and_entropy(logits, responses)
+        lm.zero_grad()
+        (logprobs * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
         with torch.no_grad():
-            lower = lower_layers(model, 1, seq.input_ids, seq.attention_mask)
-            values = TokenValues(rm)(seq.input_ids, seq.attention_mask)
-            out = {
-                "logits": logits.detach(),
-                "from_lower": response_logits(model, seq, lower),
-                "values": values,
-            }
-        return out | {"scores": last_token_scores(TokenValues(rm), seq)} | grads
+            return {"logits": logits.detach(), "values": critic.values(seq, Shared()),
+                    "scores": critic.scores(seq, Shared())} | grads  # fmt: skip
 
-    assert not packs(model)
+    assert not packs(lm)
     padded = passes()
-    use_packed_attention(hf_model(model))
+    use_packed_attention(lm.get_base_model())
     use_packed_attention(rm)
-    assert packs(model) and packs(rm)
+    assert packs(lm) and packs(rm)
     packed = passes()
-    real, response_real = seq.attention_mask.bool(), response_mask.bool()
-    for key in ("logits", "from_lower"):
-        torch.testing.assert_close(packed[key][response_real], padded[key][response_real])
-    torch.testing.assert_close(packed["values"][real], padded["values"][real])
-    torch.testing.assert_close(packed["scores"], padded["scores"])
     assert packed.keys() == padded.keys()
+    kept = mask.bool()
+    torch.testing.assert_close(packed["logits"][kept], padded["logits"][kept])
+    torch.testing.assert_close(packed["values"][kept], padded["values"][kept])
+    torch.testing.assert_close(packed["scores"], padded["scores"])
     grads = [key for key in padded if "lora_" in key]
     assert grads
     for key in grads:
@@ -424,10 +196,21 @@ def test_reward_scores_match_the_reward_model_on_its_training_layout(store, publ
     )
     assert ended.all()
     seq = Sequences(query, query_mask, response, response_mask, ended, torch.zeros(response.shape))
-    ours = last_token_scores(TokenValues(rm), seq)
+    critic = TrunkCritic(rm, rm, shared_layers=0, value_units=Units(), reward_units=Units(1.0, 2.0))
+    ours = critic.scores(seq, critic.prepare(seq))
     with torch.no_grad():
-        theirs = [rm(input_ids=torch.tensor([r.input_ids])).logits[0, 0] for r in rows]
+        theirs = [(rm(input_ids=torch.tensor([r.input_ids])).logits[0, 0] - 1.0) / 2.0 for r in rows]
     torch.testing.assert_close(ours, torch.stack(theirs), atol=1e-5, rtol=0)
+    assert response_slice(torch.zeros(2, seq.input_ids.shape[1]), seq).shape == response.shape
+
+
+def test_a_step_with_a_non_finite_quantity_or_a_kl_past_its_bound_is_named():
+    healthy = {"policy_loss": 0.1, "value_loss": 0.2, "score": 0.5, "kl": 3.0, "reward": 0.4}
+    assert health_problem(healthy, max_kl=10.0) is None
+    assert health_problem(healthy | {"value_loss": float("nan")}, max_kl=10.0) == "value_loss is nan"
+    assert health_problem(healthy | {"score": float("inf")}, max_kl=None) == "score is inf"
+    assert "past max_kl=2.0" in health_problem(healthy, max_kl=2.0)
+    assert health_problem(healthy, max_kl=None) is None
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -458,15 +241,17 @@ def test_ppo_raises_the_reward_on_held_out_prompts_with_bounded_kl(
     # The artifact loads as a policy (SFT + merged adapter) that prefers the liked tokens more than SFT does.
     policy = load_causal_lm(resolve_model(artifact.id, store), store).eval()
     sft = load_causal_lm(resolve_model(sft_id, store), store).eval()
-    query, mask = left_pad([prompt_ids(tiny_tokenizer, PROMPT)] * 16, tiny_tokenizer.pad_token_id, CPU)
     shares = []
     for model in (sft, policy):
-        seq = sample(
-            model, query, mask, max_new_tokens=12, temperature=1.0, stop_ids=stop_token_ids(tiny_tokenizer),
-            pad_id=tiny_tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        engine = make_engine(
+            "hf", model, stop_ids=stop_token_ids(tiny_tokenizer), pad_id=tiny_tokenizer.pad_token_id
+        )
+        engine.sync(model)
+        seq = engine.sample([prompt_ids(tiny_tokenizer, PROMPT)] * 16, SamplingSettings(max_new_tokens=12),
+                            torch.Generator().manual_seed(0))  # fmt: skip
         shares.append(liked_share(tiny_tokenizer, seq.response[seq.response_mask.bool()].tolist()))
     assert shares[1] > shares[0] + 0.05, shares
+    assert artifact.manifest["meta"]["rollout_engine"] in ("cpu-llama", "cpu-kernel")  # auto on a CPU
     value = load_reward_model(resolve_model(str(folder / "value"), store), store)
     assert value.config.num_labels == 1
 
@@ -499,6 +284,34 @@ def test_value_head_on_the_reward_trunk(store, published, tmp_path):
     assert head.shape == rm.score.weight.shape and not torch.equal(
         head, rm.score.weight
     )  # trained from the RM's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--lora.enabled", "false", "--policy_layers", "1"], "policy_layers .* needs LoRA"),
+        (["--critic", "head", "--critic_layers", "1"], "critic_layers .* set critic_layers: 0"),
+        (["--value_init", "policy", "--critic_layers", "1"], "critic_layers .* set critic_layers: 0"),
+        (["--policy_layers", "2"], "policy_layers must be below the model's 2 layers"),
+    ],
+)
+def test_layer_sharing_that_cannot_apply_is_refused(store, published, tmp_path, overrides, message):
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), ["--steps", "1", *overrides])
+    with pytest.raises(ModelError, match=message):
+        run(cfg, store)
+    assert store.list("ppo") == []
+
+
+def test_a_diverging_run_stops_with_its_state_saved_and_publishes_nothing(store, published, tmp_path):
+    # The first step's KL is 0 (the adapter starts as the identity); the second's is tiny but positive.
+    overrides = ["--steps", "3", "--max_kl", "1e-9", "--eval_prompts", "null"]
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
+    with pytest.raises(
+        ValueError, match=r"step 2: the KL to SFT reached .* past max_kl=1e-09.*inspect-000002"
+    ):
+        run(cfg, store)
+    assert store.list("ppo") == []
+    assert (Path(cfg.output_dir) / cfg.run_name / "inspect-000002" / "policy.safetensors").is_file()
 
 
 def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):

@@ -17,9 +17,9 @@ from conftest import REPO, accelerate_launch
 from pipeline.chat import tokenize_completion
 from pipeline.cli import main as cli_main
 from pipeline.models import load_reward_model, load_tokenizer, resolve_model, write_card
+from pipeline.scoring import RewardScorer, score_completions
 from pipeline.store import ArtifactStore
 from stages.reward.groups import bucket_batches, collate, tokenize_comparisons
-from stages.reward.scorer import RewardScorer, score_completions
 
 CONFIG = REPO / "configs" / "reward-tiny-test.yaml"
 ANSWERS = [

@@ -129,13 +129,15 @@ def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Ten
     return rewards
 
 
-def standardize_scores(scores: Tensor, mean: float, std: float, clip: float | None) -> Tensor:
-    """Reward-model scores in the units the RM artifact reports: (s - mean) / std, clipped to +-clip."""
-    out = (scores - mean) / std
-    return out if clip is None else out.clamp(-clip, clip)
-
-
-# -- masked statistics -----------------------------------------------------------------------------
+def clip_and_penalise(
+    scores: Tensor, ended: Tensor, *, clip: float, missing_stop_penalty: float | None
+) -> Tensor:
+    """Standardised scores [B] clipped to [-clip, clip], minus the penalty where a response has no stop
+    token (`ended` [B] False): a response cut off by the length limit is not a finished answer."""
+    scores = scores.clamp(-clip, clip)
+    if missing_stop_penalty is None:
+        return scores
+    return scores - missing_stop_penalty * (~ended).float()
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

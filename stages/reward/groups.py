@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import tokenize_completion
 from pipeline.datasets import DataError
-from stages.reward.scorer import pad_right
+from pipeline.scoring import pad_right
 
 # Markup that chat templates put around turns. Finding it inside a message means the record was rendered
 # with some template already; rendering it again with ours would train on garbage.

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from pipeline.chat import Message
 from pipeline.datasets import load_records, validate_prompt
-from pipeline.models import ModelError, load_reward_model, load_tokenizer, resolve_model
+from pipeline.scoring import load_reward
 from pipeline.store import ArtifactStore, default_store_root
-from stages.reward.scorer import RewardScorer, score_completions
 
 
 @dataclass
@@ -49,27 +48,20 @@ def main(argv: Sequence[str]) -> int:
     if args.prompt and not args.completion:
         parser.error("--prompt needs at least one --completion")
 
-    store = ArtifactStore(args.store)
-    resolved = resolve_model(args.artifact, store)
-    card = resolved.card
-    if card.get("kind") != "reward":
-        raise ModelError(f"{args.artifact} is not a reward model (its model card says {card.get('kind')!r})")
-    scorer = RewardScorer(load_reward_model(resolved, store)).eval()
-    tokenizer = load_tokenizer(resolved.path)
+    reward = load_reward(args.artifact, ArtifactStore(args.store))
     if args.file:
         items = read_items(args.file, args.format, args.limit)
     else:
         items = [Item([{"role": "user", "content": args.prompt}], list(args.completion))]
 
-    mean, std = card["reward_mean"], card["reward_std"]
     agree = pairs = 0
     for item in items:
-        raw = score_completions(scorer, tokenizer, item.prompt, item.completions, card["max_length"])
+        raw = reward.score(item.prompt, item.completions)
         print(f"prompt: {shorten(item.prompt[-1]['content'], 100)}")
         print(f"  {'raw':>8} {'normalised':>10} {'rank':>4}  completion")
         for i, (completion, score) in enumerate(zip(item.completions, raw, strict=True)):
             rank = "" if item.ranks is None else str(item.ranks[i])
-            print(f"  {score:8.3f} {(score - mean) / std:10.3f} {rank:>4}  {shorten(completion, 80)}")
+            print(f"  {score:8.3f} {reward.normalise(score):10.3f} {rank:>4}  {shorten(completion, 80)}")
         if item.ranks is not None:
             for b, rank_b in enumerate(item.ranks):
                 for w, rank_w in enumerate(item.ranks):

@@ -45,6 +45,7 @@ from pipeline.models import (
     training_dtype,
     write_card,
 )
+from pipeline.scoring import RewardScorer
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
 from stages.reward.groups import (
     Collator,
@@ -57,7 +58,6 @@ from stages.reward.groups import (
     tokenize_comparisons,
 )
 from stages.reward.losses import add_sums, pairwise_loss, plackett_luce_loss, ranking_metrics, ranking_sums
-from stages.reward.scorer import RewardScorer
 
 
 @dataclass

@@ -1,21 +1,24 @@
-"""The decode step on CPUs with AVX-512: our own kernels, panel_linear.cpp.
+"""The decode step on CPUs with AVX-512: our own kernels, panel_linear.cpp (the `cpu-kernel` engine).
 
 A decode step at batch 8 reads every weight once for 8 multiply-adds, so it runs at the speed weights
 stream from memory; panel_linear streams them at the speed of a plain sum, about 1.7x oneDNN's
 pre-packed products (bench/decode_matmul.py). pack_panels lays a weight out for it, merging a LoRA
 update on the way; decode_layer runs the rest of a Llama layer's step around its four products.
-torch builds them on first use with the machine's C++ compiler and keeps the build
-(~/.cache/torch_extensions), so only the first rollout on a machine waits for it (about 40 s). Where
-there is no AVX-512 or no compiler, `panel_kernel()` is False and decoding uses oneDNN as before.
+`build_kernel()` compiles them with the machine's C++ compiler through torch (about 40 s the first time
+on a machine, then cached in ~/.cache/torch_extensions); the engine calls it when it is created, at the
+start of a stage, so no rollout ever waits for a build, and a machine that cannot build it is told so
+before any work is done.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
+import subprocess
 import sys
-import warnings
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,30 +26,65 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.models import ModelError
+
 SOURCE = Path(__file__).with_name("panel_linear.cpp")
 PANEL = 16  # output columns per panel, one AVX-512 register of floats
 
 
-@functools.cache
-def panel_kernel() -> bool:
-    """Whether torch.ops.rlhf.panel_linear can run here (building it on first call)."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
+class KernelUnavailable(ModelError):
+    """The panel kernel cannot run on this machine; the message says why and what to use instead."""
+
+
+def kernel_missing_reason() -> str | None:
+    """Why the panel kernel cannot be built here (no AVX-512, no compiler), or None when it can."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"it needs a CPU with AVX-512 and this one offers {capability}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"it needs a C++ compiler and `{compiler}` is not on PATH (apt-get install g++)"
+    return None
+
+
+@contextmanager
+def ninja_on_path() -> Iterator[None]:
+    """torch builds with the `ninja` program, which pip installs beside this interpreter: a virtualenv
+    used without activating it does not have that folder on PATH. Add it for the build only."""
+    before = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{before}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+def build_kernel() -> float:
+    """Compile (or load the cached build of) the kernels into torch.ops.rlhf; returns the seconds it took.
+
+    Raises KernelUnavailable naming the reason when this machine cannot run them.
+    """
+    reason = kernel_missing_reason()
+    if reason is not None:
+        raise KernelUnavailable(f"the cpu-kernel rollout engine cannot run here: {reason}")
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:  # torch builds with ninja; pip installs it next to this interpreter
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    started = time.perf_counter()
     try:
-        load(
-            name="rlhf_panel_linear",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as error:  # noqa: BLE001 - any build failure means the oneDNN path instead
-        warnings.warn(f"panel_linear kernel not built ({error}); decoding with oneDNN instead", stacklevel=2)
-        return False
-    return True
+        with ninja_on_path():
+            load(
+                name="rlhf_panel_linear",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
+                is_python_module=False,
+            )
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        raise KernelUnavailable(
+            f"building the cpu-kernel rollout engine ({SOURCE.name}) failed: {error}; "
+            "use rollout_engine: cpu-llama (same decoder, oneDNN products) or hf"
+        ) from None
+    return time.perf_counter() - started
 
 
 @dataclass
@@ -84,7 +122,7 @@ class SpareTensors:
 
 
 class PanelLinear(nn.Module):
-    """A read-only fp32 linear layer through panel_linear (needs `panel_kernel()`).
+    """A read-only fp32 linear layer through panel_linear (needs `build_kernel()` first).
 
     `parts` are (weight, LoRA update or None), stacked along the outputs as if concatenated (q, k and v:
     one product). Each is written straight into the panels, its update merged on the way, when its row

@@ -1,85 +1,45 @@
-"""Token-by-token decoding with a KV cache, the inner loop of every rollout.
+"""The `cpu-llama` and `cpu-kernel` engines: a Llama decode step written out, for CPUs in fp32.
 
-`sample` (stages.ppo.rollout) talks to a decoder with two calls: `prefill(query, mask, new_tokens)`
-gives the logits after the prompt, `step(token)` those after one more token. Two decoders implement it:
+A transformers decode step at batch 8 spends more time dispatching its ~700 small operations than
+reading the weights. LlamaDecoder writes the Llama architecture's step out (the embedded SmolLM2 and
+most small chat models are Llamas): the query/key/value and gate/up projections are each one matrix
+(four matmuls a layer, not seven) and the KV cache is allocated once for the whole response. It is
+built from the model's weights as they are at `sync` (any active LoRA adapter merged in) and leaves
+the model untouched. The two engines differ only in how each matrix is laid out and multiplied:
 
-- `TransformersDecoder` runs the model's own forward with a growing cache: any causal LM, any device.
-- `LlamaDecoder` writes the Llama architecture's step out (the embedded SmolLM2 and most small chat
-  models are Llamas). A transformers decode step at batch 8 spends more time dispatching its ~700 small
-  operations than reading the weights; here the query/key/value and gate/up projections are each one
-  matrix (so four matmuls a layer, not seven) and the cache is allocated once for the whole response. On
-  CPUs with AVX-512 every matrix is laid out for our own kernels (stages.ppo.panel_linear), which also run
-  each layer of a step in one call; elsewhere on CPU the matrices are pre-packed for oneDNN. It is built
-  from the model's weights as they are at that moment, with LoRA adapters merged in, and leaves the
-  model untouched.
+- `cpu-llama`: oneDNN's pre-packed products (any x86 CPU);
+- `cpu-kernel`: our AVX-512 kernel (pipeline/generation/panel_linear.cpp), which streams the weights
+  at the speed of a plain sum over them and runs each layer of a step in one call; built when the
+  engine is made, refused where it cannot run.
+
+An engine keeps the weight layout of its last sync and packs the next sync's weights into the same
+buffers: fresh memory costs a page fault per 4 KiB, about as long as the packing itself.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from stages.ppo.panel_linear import LowRank, PanelLinear, SpareTensors, panel_kernel
+from pipeline.generation.panel_linear import LowRank, PanelLinear, SpareTensors, build_kernel
+from pipeline.generation.sampling import (
+    SamplingSettings,
+    Sequences,
+    decode,
+    decode_steps,
+    left_pad,
+    position_ids,
+)
+from pipeline.models import ModelError, transformers_model
 
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over real tokens; padding on the left gets 0 (it attends to nothing anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def hf_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under DDP's and peft's wrappers (with its LoRA layers still in place)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-class TransformersDecoder:
-    """Decode through the model's own forward: works for every causal LM transformers has."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def prefill(self, query: Tensor, mask: Tensor, new_tokens: int) -> Tensor:
-        hf = hf_model(self.model)
-        self.cache_kw = cache_argument(hf)
-        self.cache = DynamicCache(config=hf.config)
-        self.mask = mask
-        positions = position_ids(mask)
-        self.next_position = positions[:, -1:] + 1
-        return self.forward(query, positions, logits_to_keep=1)
-
-    def step(self, token: Tensor) -> Tensor:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = self.forward(token.unsqueeze(1), self.next_position)
-        self.next_position = self.next_position + 1
-        return logits
-
-    def forward(self, ids: Tensor, positions: Tensor, **kwargs) -> Tensor:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-            **kwargs,
-        )
-        return out.logits[:, -1]
-
-
-def cache_argument(model: PreTrainedModel) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache`; the old name still works there but warns.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-# -- our Llama step ----------------------------------------------------------------------------------
+Layout = Literal["onednn", "panels"]
 
 
 class PackedLinear(nn.Module):
@@ -96,23 +56,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-class FrozenLinear(nn.Module):
-    """A read-only linear layer over a given weight (where oneDNN packing does not apply)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows_hint: int):
-        super().__init__()
-        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def packable(weight: Tensor) -> bool:
-    return (
-        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-    )
 
 
 def effective_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -143,24 +86,8 @@ def weight_and_update(linear: nn.Module) -> tuple[Tensor, LowRank | None]:
     return effective_weight(linear)[0], None
 
 
-def read_only_linear(
-    weights: list[Tensor], bias: Tensor | None, rows_hint: int, spare: SpareTensors | None = None
-) -> nn.Module:
-    """The fastest layer computing x @ W^T (+ bias) for W = `weights` stacked, on their device.
-
-    On CPU in fp32: our panel kernel where it runs (stages.ppo.panel_linear), else oneDNN's pre-packed
-    product. Elsewhere, a plain linear layer.
-    """
-    with torch.no_grad():
-        if packable(weights[0]) and panel_kernel():
-            return PanelLinear([(w, None) for w in weights], bias, spare)
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        kind = PackedLinear if packable(weight) else FrozenLinear
-        return kind(weight, bias, rows_hint)
-
-
-def fused(linears: list[nn.Module], rows_hint: int, spare: SpareTensors | None = None) -> nn.Module:
-    """One linear layer computing several side by side (their outputs concatenated)."""
+def fused(linears: list[nn.Module], layout: Layout, rows_hint: int, spare: SpareTensors) -> nn.Module:
+    """One read-only linear layer computing several side by side (their outputs concatenated)."""
     bases = [linear.get_base_layer() if isinstance(linear, LoraLayer) else linear for linear in linears]
     bias = None
     if any(base.bias is not None for base in bases):
@@ -168,9 +95,10 @@ def fused(linears: list[nn.Module], rows_hint: int, spare: SpareTensors | None =
             [b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases]
         )
     with torch.no_grad():
-        if packable(bases[0].weight) and panel_kernel():
+        if layout == "panels":
             return PanelLinear([weight_and_update(linear) for linear in linears], bias, spare)
-    return read_only_linear([effective_weight(linear)[0] for linear in linears], bias, rows_hint, spare)
+        weights = [effective_weight(linear)[0] for linear in linears]
+        return PackedLinear(torch.cat(weights) if len(weights) > 1 else weights[0], bias, rows_hint)
 
 
 @dataclass
@@ -196,8 +124,11 @@ def is_llama(model: PreTrainedModel) -> bool:
 class LlamaDecoder:
     """A Llama decode step from fused, pre-packed weights and a preallocated KV cache (see the module doc)."""
 
-    def __init__(self, model: PreTrainedModel, rows_hint: int = 8, spare: SpareTensors | None = None):
+    def __init__(
+        self, model: PreTrainedModel, layout: Layout, rows_hint: int = 8, spare: SpareTensors | None = None
+    ):
         """`spare`: tensors an earlier decoder is done with (`panel_tensors`), to lay the weights out in."""
+        spare = spare or SpareTensors()
         config, trunk = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -207,18 +138,20 @@ class LlamaDecoder:
         self.rotary = trunk.rotary_emb
         self.embed = trunk.embed_tokens.weight.detach()
         self.final_norm = trunk.norm.weight.detach()
-        self.lm_head = fused([model.lm_head], rows_hint, spare)
+        self.lm_head = fused([model.lm_head], layout, rows_hint, spare)
         self.blocks = []
         for layer in trunk.layers:
             attention, mlp = layer.self_attn, layer.mlp
             self.blocks.append(
                 LlamaBlock(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=fused([attention.q_proj, attention.k_proj, attention.v_proj], rows_hint, spare),
-                    o=fused([attention.o_proj], rows_hint, spare),
+                    qkv=fused(
+                        [attention.q_proj, attention.k_proj, attention.v_proj], layout, rows_hint, spare
+                    ),
+                    o=fused([attention.o_proj], layout, rows_hint, spare),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=fused([mlp.gate_proj, mlp.up_proj], rows_hint, spare),
-                    down=fused([mlp.down_proj], rows_hint, spare),
+                    gate_up=fused([mlp.gate_proj, mlp.up_proj], layout, rows_hint, spare),
+                    down=fused([mlp.down_proj], layout, rows_hint, spare),
                 )
             )
         # A step's layers in one call each (panel_linear.cpp's decode_layer) where every product is a
@@ -273,10 +206,24 @@ class LlamaDecoder:
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
         for block, keys, values in zip(self.blocks, self.keys, self.values, strict=True):
             torch.ops.rlhf.decode_layer(
-                x, block.input_norm, block.qkv.panels, block.o.panels, block.post_norm, block.gate_up.panels,
-                block.down.panels, cos, sin, keys, values, self.key_bias, slot, self.heads, self.kv_heads,
-                self.eps, self.scale,
-            )  # fmt: skip
+                x,
+                block.input_norm,
+                block.qkv.panels,
+                block.o.panels,
+                block.post_norm,
+                block.gate_up.panels,
+                block.down.panels,
+                cos,
+                sin,
+                keys,
+                values,
+                self.key_bias,
+                slot,
+                self.heads,
+                self.kv_heads,
+                self.eps,
+                self.scale,
+            )
         return self.lm_head(F.rms_norm(x, (self.width,), self.final_norm, self.eps))
 
     def forward(self, ids: Tensor, positions: Tensor, start: int, visible: Tensor) -> Tensor:
@@ -313,9 +260,13 @@ class LlamaDecoder:
             )
             return attended.reshape(batch, 1, self.heads, self.head_dim)
         attended = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scale,
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=visible,
+            scale=self.scale,
             enable_gqa=self.heads != self.kv_heads,
-        )  # fmt: skip
+        )
         return attended.transpose(1, 2)
 
 
@@ -324,3 +275,77 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def check_llama(model: nn.Module, engine: str) -> None:
+    """Refuse a model the Llama decode step cannot run, naming the engine that can."""
+    hf = transformers_model(model)
+    weight = hf.get_input_embeddings().weight
+    problems = []
+    if not is_llama(hf):
+        problems.append(f"a Llama-architecture model (this is {hf.config.model_type})")
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        problems.append(f"fp32 weights on the CPU (these are {weight.dtype} on {weight.device.type})")
+    if problems:
+        raise ModelError(
+            f"the {engine} rollout engine needs {' and '.join(problems)}; use rollout_engine: hf (or auto)"
+        )
+
+
+class LlamaEngine:
+    """Sampling through LlamaDecoder: `cpu-llama` (oneDNN products) or `cpu-kernel` (our AVX-512 kernel)."""
+
+    def __init__(
+        self, model: nn.Module, *, layout: Layout, stop_ids: Sequence[int], pad_id: int, rows_hint: int = 8
+    ):
+        self.name = "cpu-kernel" if layout == "panels" else "cpu-llama"
+        check_llama(model, self.name)
+        self.build_seconds = build_kernel() if layout == "panels" else 0.0
+        self.layout, self.rows_hint = layout, rows_hint
+        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        self.device = transformers_model(model).get_input_embeddings().weight.device
+        self.decoder: LlamaDecoder | None = None
+
+    def sync(self, model: nn.Module) -> None:
+        """Lay out the model's current weights (adapters merged) for the samples that follow."""
+        spare = SpareTensors(self.decoder.panel_tensors() if self.decoder is not None else None)
+        self.decoder = None  # its panels are the spare ones now
+        with torch.no_grad():
+            self.decoder = LlamaDecoder(transformers_model(model), self.layout, self.rows_hint, spare)
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, generator: torch.Generator | None
+    ) -> Sequences:
+        query, mask = left_pad(prompts, self.pad_id, self.device)
+        with torch.no_grad():
+            return decode(
+                self.synced(),
+                query,
+                mask,
+                settings,
+                stop_ids=self.stop_ids,
+                pad_id=self.pad_id,
+                generator=generator,
+            )
+
+    def stream(
+        self, prompt: Sequence[int], settings: SamplingSettings, generator: torch.Generator | None
+    ) -> Iterator[int]:
+        query, mask = left_pad([prompt], self.pad_id, self.device)
+        with torch.no_grad():
+            steps = decode_steps(
+                self.synced(),
+                query,
+                mask,
+                settings,
+                stop_ids=self.stop_ids,
+                pad_id=self.pad_id,
+                generator=generator,
+            )
+            for token, _ in steps:
+                yield int(token[0])
+
+    def synced(self) -> LlamaDecoder:
+        if self.decoder is None:
+            raise RuntimeError(f"the {self.name} engine has no weights yet: call sync(model) first")
+        return self.decoder

@@ -1,5 +1,8 @@
 """The reward of a sequence: the score head applied to the trunk's hidden state at its last real token.
 
+Shared by the reward stage (training, `rlhf reward score`), PPO's judge and the app (a score beside
+each chat reply), so a score is the same number wherever a person sees it.
+
 The index of that token comes from the attention mask, not from searching for pad tokens (a pad id can
 legitimately occur inside a text), and position ids count real tokens only, so a sequence scores the
 same whether the batch pads it on the left or the right, and whatever else shares its batch.
@@ -8,6 +11,7 @@ same whether the batch pads it on the left or the right, and whatever else share
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -15,6 +19,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.chat import Message, tokenize_completion
+from pipeline.models import ModelError, load_reward_model, load_tokenizer, resolve_model
+from pipeline.store import ArtifactStore
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -68,3 +74,43 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tenso
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
     return input_ids, attention_mask
+
+
+@dataclass
+class LoadedRewardModel:
+    """A reward artifact ready to score: the scorer, its tokenizer, and the statistics it normalises with."""
+
+    artifact_id: str | None
+    scorer: RewardScorer
+    tokenizer: PreTrainedTokenizerBase
+    mean: float
+    """Mean raw score over the SFT demonstrations (the artifact's reward_mean)."""
+    std: float
+    """Their standard deviation (reward_std): normalised = (raw - mean) / std."""
+    max_length: int
+    """Prompt + completion tokens it was trained on; longer prompts are cut on the left."""
+
+    def score(self, prompt: Sequence[Message], completions: Sequence[str]) -> list[float]:
+        """Raw scores of `completions` to `prompt`, tokenized exactly as in training."""
+        return score_completions(self.scorer, self.tokenizer, prompt, completions, self.max_length)
+
+    def normalise(self, raw: float) -> float:
+        """0 is "as good as a typical demonstration", 1 is one standard deviation better."""
+        return (raw - self.mean) / self.std
+
+
+def load_reward(source: str, store: ArtifactStore) -> LoadedRewardModel:
+    """A reward artifact (or folder) as a scorer; anything that is not a reward model is refused."""
+    resolved = resolve_model(source, store)
+    card = resolved.card
+    if card.get("kind") != "reward":
+        raise ModelError(f"{source} is not a reward model (its model card says {card.get('kind')!r})")
+    scorer = RewardScorer(load_reward_model(resolved, store)).eval()
+    return LoadedRewardModel(
+        artifact_id=resolved.lineage.get("artifact"),
+        scorer=scorer,
+        tokenizer=load_tokenizer(resolved.path),
+        mean=float(card["reward_mean"]),
+        std=float(card["reward_std"]) or 1.0,
+        max_length=int(card["max_length"]),
+    )
