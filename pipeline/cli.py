@@ -4,6 +4,7 @@ rlhf sft     --config FILE [--key value ...]     stage 1: supervised fine-tuning
 rlhf reward  --config FILE [--key value ...]     stage 2: reward model on ranked comparisons
 rlhf reward score --artifact REF (--prompt P --completion C ... | --file F)
 rlhf ppo     --config FILE [--key value ...]     stage 3: PPO against the reward model
+rlhf ppo report REF                              did it help: eval curves, proxy vs judge, replies side by side
 rlhf artifacts ls [--store ROOT] [--stage S]     published artifacts
 rlhf artifacts show REF [--store ROOT]           one artifact: lineage, metrics, config
 rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "reward" and rest[:1] == ["score"]:
             return importlib.import_module("stages.reward.score").main(rest[1:])
+        if command == "ppo" and rest[:1] == ["report"]:
+            return importlib.import_module("stages.ppo.report").main(rest[1:])
         if command in STAGE_MODULES:
             return run_stage(command, rest)
         if command == "artifacts":

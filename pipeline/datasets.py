@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 Kind = Literal["conversation", "comparison", "prompt"]
 KINDS: tuple[Kind, ...] = ("conversation", "comparison", "prompt")
-FORMATS = ("canonical", "hh-rlhf", "trl", "sharegpt", "alpaca", "oasst")
+FORMATS = ("canonical", "hh-rlhf", "trl", "sharegpt", "alpaca", "oasst", "mt-bench")
 ROLES = ("system", "user", "assistant")
 MEMORY = "<memory>"  # the file name of a record that did not come from a file
 
@@ -491,6 +491,17 @@ def _oasst_root_prompt(tree: Any) -> dict:
     return {"id": root.get("message_id"), "prompt": [_oasst_turn(root, where)]}
 
 
+def from_mt_bench_question(record: Any) -> dict:
+    """A FastChat llm_judge question (MT-Bench, Vicuna-bench: `question_id`, `category`, `turns`) as the
+    prompt of its first turn; later turns answer a reply this prompt has not had yet."""
+    record = _object(record)
+    turns = _required(record, "turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+        raise _problem("turns", "expected a list of questions, the first a non-empty string")
+    return {"id": record.get("question_id"), "category": record.get("category"),
+            "prompt": [{"role": "user", "content": turns[0]}]}  # fmt: skip
+
+
 def conversation_to_prompt(record: Any) -> dict:
     """The prompt a conversation's final reply answers: its messages up to the last user turn."""
     record = _object(record)
@@ -519,6 +530,8 @@ def _detect_format(record: dict) -> str:
         return "hh-rlhf" if "prompt" not in keys and isinstance(record["chosen"], str) else "trl"
     if "conversations" in keys:
         return "sharegpt"
+    if {"question_id", "turns"} <= keys:
+        return "mt-bench"
     if "instruction" in keys:
         return "alpaca"
     if "replies" in keys or isinstance(record.get("prompt"), dict):
@@ -539,6 +552,8 @@ def _default_kind(format: str, record: dict) -> Kind:
         if "messages" in record:
             return "conversation"
         return "comparison" if "completions" in record else "prompt"
+    if format == "mt-bench":
+        return "prompt"
     return "conversation" if format in ("sharegpt", "alpaca") else "comparison"
 
 
@@ -558,6 +573,7 @@ _CONVERTERS: dict[tuple[str, str], Callable[[dict], list[dict]]] = {
     ("oasst", "comparison"): oasst_ranked_groups,
     ("oasst", "conversation"): oasst_dialogues,
     ("oasst", "prompt"): lambda record: [_oasst_root_prompt(record)],
+    ("mt-bench", "prompt"): lambda record: [from_mt_bench_question(record)],
 }
 
 _VALIDATORS: dict[str, Callable[[Any], dict]] = {

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import DEMO_DATA, accelerate_launch
 from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, randomise_adapter, write_config
 from safetensors.torch import load_file
 from torch import Tensor
@@ -328,3 +329,77 @@ def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):
         "rng-0.pt",
         "rng-1.pt",
     }
+
+
+def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, published, tmp_path, tiny_tokenizer):
+    """Two named prompt sets (one in FastChat's question format), two replies per prompt, and a judge:
+    each set's metrics, the judge's win rate and its gap to the proxy's, and the replies side by side, with
+    the judge's scores what `rlhf reward score` gives for the same text."""
+    from pipeline.scoring import load_reward
+
+    sft_id, reward_id = published
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(
+        json.dumps({"question_id": i, "category": "writing", "turns": [text, "And again?"]}) + "\n"
+        for i, text in enumerate(["Write a haiku about tea.", "Explain rain to a child.", "Name three birds."])
+    ))  # fmt: skip
+    sets = {"demo": str(DEMO_DATA / "eval_prompts.jsonl"), "mtb": str(questions)}
+    config = write_config(tmp_path / "ppo.yaml", store, steps=2, eval_every=0, eval_limit=4, eval_samples=2,
+                          eval_prompts=sets, eval_judge=reward_id, eval_max_new_tokens=6)  # fmt: skip
+    artifact = run(load_config(Config, config, []), store)
+    history = [json.loads(line) for line in (Path(artifact.uri) / "metrics.jsonl").read_text().splitlines()]
+    final = history[-1]
+    for name in ("demo", "mtb"):
+        for key in ("score", "kl", "length", "words", "win", "win_ci", "judge_score", "judge_win", "win_gap"):
+            assert math.isfinite(final[f"eval/{name}/{key}"]), (name, key)
+        assert final[f"eval/{name}/win_gap"] == pytest.approx(
+            final[f"eval/{name}/win"] - final[f"eval/{name}/judge_win"]
+        )
+        assert final[f"eval/{name}/length"] <= 6
+    assert artifact.metrics["eval_mtb_judge_win_rate_final"] == pytest.approx(
+        final["eval/mtb/judge_win"], abs=1e-6
+    )
+    pairs = [json.loads(line) for line in (Path(artifact.uri) / "eval_pairs.jsonl").read_text().splitlines()]
+    assert {p["set"] for p in pairs} == {"demo", "mtb"} and len(pairs) == 4 + 3
+    judge = load_reward(reward_id, store)
+    for pair in pairs[:3]:
+        for side in ("policy", "sft"):
+            (raw,) = judge.score(pair["prompt"], [pair[side]["text"]])
+            assert pair[side]["judge"] == pytest.approx(judge.normalise(raw), abs=1e-4)
+    roles = {item["role"] for item in artifact.manifest["inputs"]}
+    assert {"judge", "eval_prompts:demo", "eval_prompts:mtb"} <= roles
+
+
+def test_the_report_shows_curves_a_verdict_and_replies_side_by_side():
+    from stages.ppo.report import render
+
+    history = [
+        {
+            "step": 0,
+            "eval/mtb/win": 0.5,
+            "eval/mtb/judge_win": 0.5,
+            "eval/mtb/score": 0.1,
+            "eval/mtb/kl": 0.0,
+        },
+        {"step": 1, "score": 0.3, "kl": 0.1},
+        {
+            "step": 2,
+            "eval/mtb/win": 0.8,
+            "eval/mtb/judge_win": 0.4,
+            "eval/mtb/score": 0.9,
+            "eval/mtb/kl": 2.5,
+        },
+    ]
+    pairs = [{"set": "mtb", "prompt": [{"role": "user", "content": "Name three birds."}],
+              "policy": {"text": "Robin, wren, owl.", "proxy": 1.25, "judge": -0.5},
+              "sft": {"text": "Birds are animals with feathers.", "proxy": 0.5, "judge": 0.25}}]  # fmt: skip
+    text = render(history, pairs, pairs_per_set=3, width=80)
+    lines = text.splitlines()
+    assert lines[0] == "== mtb ==" and "proxy win" in lines[1] and "judge win" in lines[1]
+    # Columns: step, proxy win, judge win, score, KL (no gap: these rows do not carry one).
+    assert lines[2].split() == ["0", "0.500", "0.500", "0.100", "0.000"]
+    assert lines[3].split() == ["2", "0.800", "0.400", "0.900", "2.500"]
+    assert "over-optimised" in text  # the proxy rose, the judge fell
+    assert any("Robin, wren, owl." in line and "Birds are animals" in line for line in lines)
+    assert any("PPO  proxy +1.25  judge -0.50" in line for line in lines)
+    assert render([{"step": 1, "score": 0.1}], [], pairs_per_set=1, width=80).startswith("no evaluation")

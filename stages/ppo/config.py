@@ -22,8 +22,9 @@ class Config:
     """The reward model artifact (scores at the last token; its card gives reward_mean/reward_std)."""
     prompts: str = "data/demo/prompts.jsonl"
     """Prompts to roll out on (any source pipeline.datasets reads as prompt records)."""
-    eval_prompts: str | None = "data/demo/eval_prompts.jsonl"
-    """Held-out prompts for evaluation (reward, KL, length, win rate over SFT); null disables it."""
+    eval_prompts: str | dict[str, str] | None = "data/demo/eval_prompts.jsonl"
+    """Held-out prompts for evaluation (reward, KL, length, win rate over SFT): one source, or several as
+    {name: source}, each reported on its own (eval/<name>/...); null disables evaluation."""
     data_format: str = "auto"
     """Format of `prompts` and `eval_prompts`: auto, canonical, hh-rlhf, ..."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -108,11 +109,19 @@ class Config:
     eval_every: int = 20
     """Evaluate every this many steps (and before the first and after the last); 0: only before and after."""
     eval_limit: int | None = 64
-    """Evaluate on at most this many held-out prompts."""
+    """Evaluate on at most this many prompts of each set."""
+    eval_samples: int = 1
+    """Replies per prompt and side in each evaluation: more narrow the win rate's interval (eval/win_ci)."""
     eval_batch_size: int = 16
     """Prompts per process per evaluation generation batch."""
     eval_temperature: float | None = None
     """Evaluation sampling temperature (fixed seed); null uses `temperature`, 0 is greedy."""
+    eval_max_new_tokens: int | None = None
+    """Evaluation reply length limit; null uses `max_new_tokens`. Longer tasks need longer replies."""
+    eval_judge: str | None = None
+    """A second reward artifact, trained on other data, that judges the same replies as text: its win rate
+    beside the proxy's (the reward PPO optimises) shows reward over-optimisation as their gap (Gao et al.
+    2022). null: the proxy alone."""
     sample_every: int = 10
     """Log `num_samples` completions as text every this many steps; 0 disables it."""
     num_samples: int = 2
@@ -164,5 +173,7 @@ class Config:
             raise ValueError(
                 "critic: head reads the reward model's hidden states, so it needs value_init: reward"
             )
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
         if self.max_kl is not None and self.max_kl <= 0:
             raise ValueError(f"max_kl must be positive (or null for no bound), got {self.max_kl}")

@@ -17,9 +17,7 @@ the value model, the metric history and sample completions are published as a `p
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,11 +30,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
-from pipeline.config import to_dict
 from pipeline.datasets import load_records
 from pipeline.generation import SamplingSettings, Sequences, make_engine, position_ids
-from pipeline.models import ModelError, load_tokenizer, resolve_model, write_card
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.models import ModelError, load_tokenizer, resolve_model
+from pipeline.scoring import load_reward
+from pipeline.store import Artifact, ArtifactStore
 from stages.ppo import rl
 from stages.ppo.checkpoint import (
     RunState,
@@ -49,9 +47,10 @@ from stages.ppo.checkpoint import (
 )
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic, load_critic
-from stages.ppo.evaluate import Evaluation
+from stages.ppo.evaluate import EvalSet, Evaluation
 from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy, load_policy_and_reference
+from stages.ppo.publish import Tracker, publish, summarize
 
 __all__ = ["Config", "run"]
 
@@ -130,10 +129,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         kl_control.load_state_dict(state.kl_controller)
         acc.print(f"resumed from {resume_from} at step {state.step}", flush=True)
     engine.sync(policy.lm)
-    eval_prompts = (
-        load_prompts(cfg.eval_prompts, tokenizer, cfg, cfg.eval_limit)[1] if cfg.eval_prompts else []
-    )
-    evaluation = Evaluation.of(eval_prompts, cfg, acc, engine)
+    evaluation = load_evaluation(cfg, store, tokenizer=tokenizer, acc=acc, engine=engine)
     if state.step == 0 and evaluation is not None:
         state.history.append({"step": 0, **evaluation.run(policy, critic)})
 
@@ -196,8 +192,17 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     bar.close()
     tracker.close()
     summary = summarize(state.history, episodes, time.perf_counter() - started)
+    pairs = evaluation.pairs if evaluation is not None else []
     return publish(
-        cfg, store, acc, policy=policy, critic=critic, tokenizer=tokenizer, state=state, summary=summary
+        cfg,
+        store,
+        acc,
+        policy=policy,
+        critic=critic,
+        tokenizer=tokenizer,
+        state=state,
+        summary=summary,
+        pairs=pairs,
     )
 
 
@@ -423,36 +428,6 @@ def health_problem(metrics: dict[str, float], max_kl: float | None) -> str | Non
     return None
 
 
-class Tracker:
-    """TensorBoard events for the run folder (main process), when `report_to` asks for them."""
-
-    def __init__(self, cfg: Config, run_dir: Path, acc: Accelerator):
-        self.writer = None
-        if cfg.report_to == "tensorboard" and acc.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, metrics: dict[str, float], logged_samples: list[dict]) -> None:
-        if self.writer is None:
-            return
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if key != "step":
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        for item in logged_samples:
-            if item["step"] == step:
-                prompt = item["prompt"][-1]["content"]
-                text = (
-                    f"**prompt**: {prompt}\n\n**response**: {item['response']}\n\nscore {item['score']:.3f}"
-                )
-                self.writer.add_text("samples", text, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def samples(rollouts: Rollouts, records: list[dict], tokenizer, step: int, count: int) -> list[dict]:
     """The first `count` completions of this process's batch, as text with their score and KL."""
     out = []
@@ -472,31 +447,6 @@ def samples(rollouts: Rollouts, records: list[dict], tokenizer, step: int, count
     return out
 
 
-def summarize(history: list[dict], episodes: int, elapsed: float) -> dict[str, float]:
-    """Headline metrics for the manifest: evaluation before and after, the last step, throughput."""
-    out: dict[str, float] = {}
-    evals = [h for h in history if "eval/score" in h]
-    if evals:
-        first, last = evals[0], evals[-1]
-        out.update(eval_score_initial=first["eval/score"], eval_score_final=last["eval/score"])
-        out.update(
-            eval_kl_final=last["eval/kl"],
-            eval_win_rate_final=last["eval/win"],
-            eval_length_final=last["eval/length"],
-        )
-    trained = [h for h in history if "score" in h]
-    if trained:
-        out.update(
-            train_score_final=trained[-1]["score"],
-            train_kl_final=trained[-1]["kl"],
-            beta_final=trained[-1]["beta"],
-        )
-    out.update(
-        steps=len(trained), episodes_this_session=episodes, episodes_per_second=episodes / max(elapsed, 1e-9)
-    )
-    return {k: round(v, 6) if isinstance(v, float) and math.isfinite(v) else v for k, v in out.items()}
-
-
 # -- data ------------------------------------------------------------------------------------------------
 
 
@@ -506,6 +456,28 @@ def load_prompts(
     """Prompt records and their ids, cut to the last max_prompt_length tokens (the assistant header stays)."""
     records = load_records(source, "prompt", format=cfg.data_format, limit=limit).records
     return records, [prompt_ids(tokenizer, r["prompt"])[-cfg.max_prompt_length :] for r in records]
+
+
+def load_evaluation(
+    cfg: Config, store: ArtifactStore, *, tokenizer, acc: Accelerator, engine
+) -> Evaluation | None:
+    """The held-out sets named by eval_prompts, and the judge named by eval_judge (None: no evaluation)."""
+    if not cfg.eval_prompts:
+        return None
+    sources = {"": cfg.eval_prompts} if isinstance(cfg.eval_prompts, str) else cfg.eval_prompts
+    sets = []
+    for name, source in sources.items():
+        records, ids = load_prompts(source, tokenizer, cfg, cfg.eval_limit)
+        sets.append(EvalSet(name, [r["prompt"] for r in records], ids))
+    settings = SamplingSettings(
+        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+        temperature=cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature,
+    )
+    judge = None
+    if cfg.eval_judge:
+        judge = load_reward(cfg.eval_judge, store)
+        judge.scorer.to(acc.device)
+    return Evaluation(sets, settings, cfg, acc, engine, tokenizer, judge)
 
 
 def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
@@ -540,65 +512,3 @@ def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, rm_path: str) -> No
             f"the reward model at {rm_path} uses another tokenizer or chat template than the policy; "
             "train it from this policy (`rlhf reward --model <the sft artifact>`)"
         )
-
-
-# -- publishing --------------------------------------------------------------------------------------------
-
-
-def publish(
-    cfg: Config,
-    store: ArtifactStore,
-    acc: Accelerator,
-    *,
-    policy: Policy,
-    critic: Critic,
-    tokenizer: PreTrainedTokenizerBase,
-    state: RunState,
-    summary: dict[str, float],
-) -> Artifact | None:
-    """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside.
-
-    The policy loads with pipeline.models.load_causal_lm (SFT + merged adapter); the value model with
-    load_reward_model (a trunk critic) or as value/value_head.safetensors over the reward model.
-    """
-    artifact = None
-    if acc.is_main_process:
-        sft, reward = resolve_model(cfg.policy, store), resolve_model(cfg.reward, store)
-        value_base = reward if cfg.value_init == "reward" else sft
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            policy.lm.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            write_card(
-                out, {"kind": "causal_lm"} | ({"adapter_base": source_of(sft)} if cfg.lora.enabled else {})
-            )
-            critic.save(out / "value", base=source_of(value_base), adapter=cfg.lora.enabled)
-            for name, rows in (("metrics.jsonl", state.history), ("samples.jsonl", state.samples)):
-                (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-            inputs = [sft.lineage | {"role": "policy"}, reward.lineage | {"role": "reward"}]
-            for path, role in (
-                (cfg.prompts, "prompts"),
-                (cfg.eval_prompts, "eval_prompts"),
-                (cfg.ptx_coef and cfg.ptx_data, "ptx"),
-            ):
-                if path:
-                    inputs.append(
-                        (dataset_fingerprint(path) if Path(path).is_file() else {"dataset": path})
-                        | {"role": role}
-                    )
-            meta = {
-                "adapter": cfg.lora.enabled,
-                "value_init": cfg.value_init,
-                "base_policy": source_of(sft),
-                "rollout_engine": state.engine,
-            }
-            artifact = store.publish(
-                "ppo", out, config=to_dict(cfg), inputs=inputs, metrics=summary, meta=meta
-            )
-    acc.wait_for_everyone()
-    return artifact
-
-
-def source_of(resolved) -> str:
-    """The model source that resolves anywhere: its artifact id, else the path or Hub id it was given as."""
-    return resolved.lineage.get("artifact") or resolved.lineage.get("model")
