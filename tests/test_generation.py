@@ -3,6 +3,7 @@ each other and against the model's own forward pass."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,31 @@ def test_the_next_sync_lays_the_new_weights_out_in_the_last_ones_panels(
         expected = forward_logits(model, query, mask, tokens)
     assert (after - before).abs().max() > 1e-2
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_hf_engine_gathers_a_sharded_policy(tmp_path):
+    """FSDP2 shards over 2 gloo processes: `auto` picks hf, and it samples what the whole policy samples."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    out = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(REPO / "tests" / "sharded_engine_check.py"), str(out),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["local_rows"] == 48  # the embedding's 96 rows split in two: the weights really are sharded
+    assert found["sharded"]["engine"] == "hf" and found["whole"]["engine"] == "cpu-llama"
+    assert found["sharded"]["response"] == found["whole"]["response"]
+    torch.testing.assert_close(
+        torch.tensor(found["sharded"]["logprobs"]),
+        torch.tensor(found["whole"]["logprobs"]),
+        atol=1e-4,
+        rtol=1e-4,
+    )

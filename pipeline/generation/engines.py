@@ -10,7 +10,7 @@ engine, `sample` calls its generate with our sampler's settings) is one new file
 `auto` picks by a fixed rule, recorded in the manifest and the checkpoint so a resume under another
 engine is refused:
 
-1. a model on an accelerator, or not a Llama in fp32 -> `hf`;
+1. a model on an accelerator, sharded across processes, or not a Llama in fp32 -> `hf`;
 2. a CPU that can build and run the panel kernel (AVX-512 and a C++ compiler) -> `cpu-kernel`;
 3. otherwise -> `cpu-llama`.
 """
@@ -28,6 +28,7 @@ from pipeline.generation.hf import HFEngine
 from pipeline.generation.llama import LlamaEngine, check_llama
 from pipeline.generation.panel_linear import kernel_missing_reason
 from pipeline.generation.sampling import SamplingSettings, Sequences
+from pipeline.generation.weights import is_sharded
 from pipeline.models import ModelError
 
 EngineName = Literal["auto", "hf", "cpu-llama", "cpu-kernel"]
@@ -59,6 +60,8 @@ def choose_engine(name: EngineName, model: nn.Module) -> str:
     """The engine `name` stands for with this model on this machine (the rule in the module doc)."""
     if name != "auto":
         return name
+    if is_sharded(model):
+        return "hf"
     try:
         check_llama(model, "auto")
     except ModelError:

@@ -1,8 +1,8 @@
 """The `hf` engine: transformers' `generate` on the weights of the last sync (any causal LM, any device).
 
-`sync(model)` makes the engine's own inference copy of the model current: a plain transformers model
-without adapter layers, whose LoRA-adapted linear layers hold W + BA (merged once per sync, so no adapter
-matmul runs per token), sharing every other tensor with the model. Nothing is ever merged into the
+`sync(model)` makes the engine's own inference model current: a plain transformers model without adapter
+layers, whose LoRA-adapted linear layers hold W + BA (merged once per sync, so no adapter matmul runs per
+token), sharing every other tensor with the model. Nothing is ever merged into the
 model and subtracted back (W + BA - BA rounds differently from W, and would slowly drift the frozen
 reference the KL penalty is measured against). When the model is sharded (FSDP2, DeepSpeed ZeRO-3) its
 parameters are gathered for the sync and the copy owns full tensors: the colocated layout TRL's GRPO
@@ -15,21 +15,23 @@ the same logits and a checkpointed generator resumes exactly; `generate` then ta
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
-from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, StoppingCriteria
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessor,
+    PreTrainedModel,
+    StoppingCriteria,
+)
 from transformers.generation.streamers import BaseStreamer
 
-from pipeline.generation.llama import effective_weight
 from pipeline.generation.sampling import SamplingSettings, Sequences, finish, left_pad, pick
+from pipeline.generation.weights import full_parameters, is_sharded, merged_tensors
 from pipeline.models import transformers_model
 
 
@@ -54,18 +56,25 @@ class HFEngine:
     def __init__(self, model: nn.Module, *, stop_ids: Sequence[int], pad_id: int):
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         self.inference: PreTrainedModel | None = None
-        self.merged: list[tuple[LoraLayer, nn.Linear]] = []
-        """(adapted layer of the model, plain layer of the copy holding its merged weight)."""
+        """A plain model on the weights of the last sync."""
 
     def sync(self, model: nn.Module) -> None:
         """Take the model's current weights (adapters merged, as they compute now) for the samples that follow."""
         sharded = is_sharded(model)
-        with torch.no_grad(), full_parameters(model):
+        with full_parameters(model):
             hf = transformers_model(model)
-            if self.inference is None or sharded:
-                self.inference, self.merged = inference_copy(hf, share=not sharded)
-            for adapted, plain in self.merged:
-                plain.weight.copy_(effective_weight(adapted)[0])
+            params, buffers, merged = merged_tensors(hf)
+            if sharded:  # gathered tensors are freed when the shards come back: keep copies
+                params = {name: tensor.clone() for name, tensor in params.items()}
+                buffers = {name: tensor.clone() for name, tensor in buffers.items()}
+            if self.inference is None:
+                self.inference = inference_model(hf.config, params, buffers)
+                return
+            current = dict(self.inference.named_parameters(remove_duplicate=False))
+            with torch.no_grad():
+                # Unsharded, the other tensors are the model's own and need no copy; sharded, every one does.
+                for name in params if sharded else merged:
+                    current[name].copy_(params[name])
 
     def sample(
         self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, generator: torch.Generator | None
@@ -132,68 +141,20 @@ class HFEngine:
         return self.inference
 
 
-def inference_copy(
-    hf: PreTrainedModel, *, share: bool
-) -> tuple[PreTrainedModel, list[tuple[LoraLayer, nn.Linear]]]:
-    """A copy of `hf` with each LoRA layer replaced by a plain linear layer (weight filled in by sync).
-
-    `share`: the copy's other tensors are the model's own (no memory); else copies (sharded models).
-    """
-    memo = {id(t): t for t in (*hf.parameters(), *hf.buffers())} if share else {}
-    adapted = {name: module for name, module in hf.named_modules() if isinstance(module, LoraLayer)}
-    # LoRA factors are not copied: the copy's plain layer gets the merged weight at every sync.
-    for layer in adapted.values():
-        for tensor in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
-            memo[id(tensor)] = tensor
-    clone = copy.deepcopy(hf, memo)
-    merged = []
-    for name, layer in adapted.items():
-        base = layer.get_base_layer()
-        # skip_init: no random initialisation, which would draw from (and move) torch's global generator.
-        plain = skip_init(
-            nn.Linear,
-            base.in_features,
-            base.out_features,
-            bias=base.bias is not None,
-            device=base.weight.device,
-            dtype=base.weight.dtype,
-        )
-        plain.requires_grad_(False)
-        if base.bias is not None:
-            plain.bias = base.bias if share else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        clone.get_submodule(parent).register_module(child, plain)
-        merged.append((layer, plain))
-    clone.eval()
-    return clone, merged
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Parameters split across processes (FSDP2, DeepSpeed ZeRO-3): they must be gathered to generate."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if any(isinstance(module, FSDPModule) for module in model.modules()):
-        return True
-    # DeepSpeed marks the parameters it partitions with a `ds_id` (its own is_zero_param tests the same).
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-@contextmanager
-def full_parameters(model: nn.Module) -> Iterator[None]:
-    """Inside, every parameter of `model` is whole on this process (a no-op unless it is sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    with ExitStack() as stack:
-        fsdp = [module for module in model.modules() if isinstance(module, FSDPModule)]
-        for module in fsdp:
-            module.unshard()
-        stack.callback(lambda: [module.reshard() for module in fsdp])
-        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-        if partitioned:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned))
-        yield
+def inference_model(config, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> PreTrainedModel:
+    """A plain transformers model for `config` whose tensors are `params` and `buffers` (no copy, no
+    random initialisation: it is built on the meta device and handed the tensors)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, tensor in params.items():
+        owner, _, key = name.rpartition(".")
+        setattr(model.get_submodule(owner), key, nn.Parameter(tensor, requires_grad=False))
+    for name, tensor in buffers.items():  # an existing buffer's name: it stays a buffer, as persistent as it was
+        owner, _, key = name.rpartition(".")
+        setattr(model.get_submodule(owner), key, tensor)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
 
 
 class TokenQueue(BaseStreamer):

@@ -37,6 +37,7 @@ from pipeline.generation.sampling import (
     left_pad,
     position_ids,
 )
+from pipeline.generation.weights import effective_weight, is_sharded
 from pipeline.models import ModelError, transformers_model
 
 Layout = Literal["onednn", "panels"]
@@ -56,19 +57,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def effective_weight(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """(weight, bias) of a linear layer as it computes now: W + BA while a LoRA adapter is active."""
-    if not isinstance(linear, LoraLayer):
-        return linear.weight, linear.bias
-    base = linear.get_base_layer()
-    weight = base.weight
-    if not linear.disable_adapters and not linear.merged:
-        adapters = [name for name in linear.active_adapters if name in linear.lora_A]
-        for name in adapters:
-            weight = weight + linear.get_delta_weight(name).to(weight.dtype)
-    return weight, base.bias
 
 
 def weight_and_update(linear: nn.Module) -> tuple[Tensor, LowRank | None]:
@@ -282,6 +270,8 @@ def check_llama(model: nn.Module, engine: str) -> None:
     hf = transformers_model(model)
     weight = hf.get_input_embeddings().weight
     problems = []
+    if is_sharded(model):
+        problems.append("the whole model on this process (it is sharded: FSDP or ZeRO-3)")
     if not is_llama(hf):
         problems.append(f"a Llama-architecture model (this is {hf.config.model_type})")
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
