@@ -28,9 +28,7 @@ class Chain:
     reward: Artifact
     ppo: Artifact
     runs: Path
-    """The stages' output_dir: TensorBoard events in <runs>/<run name>."""
-    trackio_dir: Path
-    """TRACKIO_DIR during the runs: trackio's SQLite files."""
+    """The stages' output_dir: TensorBoard events in <runs>/<run name>; trackio projects named so too."""
 
 
 def build_trap_base(tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -82,4 +80,4 @@ def build_chain(root: Path, tokenizer_dir: Path) -> Chain:
     )  # fmt: skip
     assert cli_main(["ppo", "--config", str(config)]) == 0
     ppo = store.resolve("ppo:latest")
-    return Chain(store, base, sft, reward, ppo, runs, root / "trackio")
+    return Chain(store, base, sft, reward, ppo, runs)

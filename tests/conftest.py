@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# trackio reads its folder when first imported: keep the tests' runs out of the home folder.
+os.environ.setdefault("TRACKIO_DIR", str(Path(tempfile.gettempdir()) / "rlhf-tests-trackio"))
 
 FIXED_TEXT = [
     "Hello! How can I help you today?",
@@ -172,10 +175,7 @@ def artifact_chain(tmp_path_factory, tiny_tokenizer_dir):
     """base -> sft -> reward -> ppo published through the CLI, logged to TensorBoard and trackio (~30 s)."""
     from artifact_chain import build_chain
 
-    root = tmp_path_factory.mktemp("chain")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRACKIO_DIR", str(root / "trackio"))
-        return build_chain(root, tiny_tokenizer_dir)
+    return build_chain(tmp_path_factory.mktemp("chain"), tiny_tokenizer_dir)
 
 
 # -- a real S3-protocol server (moto), for the store's tests -----------------------------------------
