@@ -48,12 +48,7 @@ HEADLINE_SETTINGS = {
         "value_init", "critic", "seed",
     ),
 }  # fmt: skip
-CURVE_COLUMNS = (
-    ("eval/score", "reward"),
-    ("eval/kl", "KL to SFT"),
-    ("eval/win", "win rate over SFT"),
-    ("eval/length", "length"),
-)
+CURVE_COLUMNS = (("score", "reward"), ("kl", "KL to SFT"), ("win", "win rate over SFT"), ("length", "length"))
 
 
 @dataclass(frozen=True)
@@ -190,7 +185,12 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [row for row in rows if "eval/score" in row]
+    return [row for row in rows if any(is_eval_score(key) for key in row)]
+
+
+def is_eval_score(key: str) -> bool:
+    """`eval/score`, or `eval/<set>/score` when PPO evaluates several prompt sets."""
+    return key.startswith("eval/") and key.endswith("/score")
 
 
 # -- body ------------------------------------------------------------------------------------------
@@ -306,20 +306,29 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def curve_table(curve: list[dict[str, Any]]) -> str:
-    """The held-out evaluations over training: first, last and evenly spaced rows between."""
+    """Per evaluation set, the held-out evaluations over training: first, last and evenly spaced rows between."""
     if not curve:
         return ""
-    if len(curve) > CURVE_ROWS:
-        picks = sorted({round(i * (len(curve) - 1) / (CURVE_ROWS - 1)) for i in range(CURVE_ROWS)})
-        curve = [curve[i] for i in picks]
-    header = "| step | " + " | ".join(label for _, label in CURVE_COLUMNS) + " |"
-    rule = "|---" * (len(CURVE_COLUMNS) + 1) + "|"
-    rows = [
-        f"| {row.get('step', '?')} | " + " | ".join(fmt(row.get(key)) for key, _ in CURVE_COLUMNS) + " |"
-        for row in curve
-    ]
-    note = "Sampled replies to held-out prompts, judged by the reward model (step 0 is the SFT policy)."
-    return "\n".join([note, "", header, rule, *rows])
+    prefixes = sorted({key.removesuffix("/score") for row in curve for key in row if is_eval_score(key)})
+    parts = ["Sampled replies to held-out prompts, judged by the reward model (step 0 is the SFT policy)."]
+    for prefix in prefixes:
+        rows = [row for row in curve if f"{prefix}/score" in row]
+        if len(rows) > CURVE_ROWS:
+            picks = sorted({round(i * (len(rows) - 1) / (CURVE_ROWS - 1)) for i in range(CURVE_ROWS)})
+            rows = [rows[i] for i in picks]
+        header = "| step | " + " | ".join(label for _, label in CURVE_COLUMNS) + " |"
+        rule = "|---" * (len(CURVE_COLUMNS) + 1) + "|"
+        lines = [
+            f"| {row.get('step', '?')} | "
+            + " | ".join(fmt(row.get(f"{prefix}/{key}")) for key, _ in CURVE_COLUMNS)
+            + " |"
+            for row in rows
+        ]
+        name = prefix.removeprefix("eval").strip("/")
+        parts += ([f"Prompt set `{name}`:"] if name else []) + [
+            header + "\n" + rule + "\n" + "\n".join(lines)
+        ]
+    return "\n\n".join(parts)
 
 
 def cell(text: str) -> str:

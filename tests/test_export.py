@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 from pipeline.chat import prompt_ids, stop_token_ids
 from pipeline.cli import main as cli_main
 from pipeline.models import ModelError, load_causal_lm, load_tokenizer, read_card, resolve_model
-from stages.reward.scorer import RewardScorer, score_completions
+from pipeline.scoring import load_reward
 
 PROMPT = [{"role": "user", "content": "How do I boil an egg?"}]
 REPLIES = ["Six minutes, then ice water.", "Eggs are versatile! Let me tell you about omelettes."]
@@ -138,12 +138,8 @@ def test_exported_reward_model_gives_the_raw_score_of_rlhf_reward_score(artifact
         float(m.group(1))
         for m in re.finditer(r"^\s+(-?\d+\.\d+)\s+-?\d+\.\d+\s+", capsys.readouterr().out, re.M)
     ]
-    resolved = resolve_model(chain.reward.id, chain.store)
-    from pipeline.models import load_reward_model
-
-    scorer = RewardScorer(load_reward_model(resolved, chain.store)).eval()
-    card = read_card(Path(resolved.path))
-    ours = score_completions(scorer, load_tokenizer(resolved.path), PROMPT, REPLIES, card["max_length"])
+    ours = load_reward(chain.reward.id, chain.store).score(PROMPT, REPLIES)
+    card = read_card(chain.store.local_path(chain.reward))
     assert len(printed) == len(REPLIES)
     for name in ("alone", "batch"):
         for i, (theirs, exact, shown) in enumerate(zip(fresh["scores"][name], ours, printed, strict=True)):

@@ -45,3 +45,18 @@ def test_hub_sources_become_metadata_and_local_files_stay_in_the_body():
     assert card.data.datasets == ["Anthropic/hh-rlhf"]
     assert "dataset /data/mine.jsonl  sha256:abababababab  as normalise" in card.text
     assert "Held-out pairwise accuracy 0.7123" in card.text and "every weight trained" in card.text
+
+
+def test_ppo_curve_has_a_table_per_prompt_set():
+    curve = [
+        {"step": 0, "eval/chat/score": -1.0, "eval/chat/win": 0.5, "eval/code/score": -2.0},
+        {"step": 5, "eval/chat/score": 0.25, "eval/chat/win": 0.75, "eval/code/score": -1.5},
+        {"step": 6, "score": 9.0},  # a training step without evaluation
+    ]
+    card = model_card(
+        "ppo", config={}, inputs=[], metrics={}, meta={}, model={"kind": "causal_lm"}, curve=curve, store=None
+    )
+    chat = card.text.index("Prompt set `chat`")
+    code = card.text.index("Prompt set `code`")
+    assert "| 5 | 0.25 | ? | 0.75 | ? |" in card.text[chat:code]
+    assert "| 5 | -1.5 | ? | ? | ? |" in card.text[code:] and "| 6 |" not in card.text
