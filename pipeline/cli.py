@@ -7,6 +7,9 @@ rlhf ppo     --config FILE [--key value ...]     stage 3: PPO against the reward
 rlhf ppo report REF                              did it help: eval curves, proxy vs judge, replies side by side
 rlhf artifacts ls [--store ROOT] [--stage S]     published artifacts
 rlhf artifacts show REF [--store ROOT]           one artifact: lineage, metrics, config
+rlhf artifacts export REF --out DIR [--adapter --base NAME]   a standalone Hugging Face folder
+rlhf artifacts rm REF [--with-dependants] [--with-runs] [--dry-run]
+rlhf artifacts gc [--keep-days N] [--with-runs] [--dry-run]   old artifacts, checkpoints, unfinished folders
 rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
 """
 
@@ -102,13 +105,66 @@ def artifacts_command(argv: list[str]) -> int:
     show = sub.add_parser("show", help="one artifact: lineage, metrics, config")
     show.add_argument("ref", help="artifact id, <stage>:latest, or a path")
     show.add_argument("--store", default=DEFAULT_STORE)
+    export = sub.add_parser("export", help="a standalone Hugging Face folder: adapters merged, or --adapter")
+    export.add_argument("ref", help="artifact id, <stage>:latest, or a path")
+    export.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    export.add_argument("--adapter", action="store_true", help="keep the adapter; load it on --base")
+    export.add_argument("--base", help="Hub id or folder the exported adapter loads on")
+    export.add_argument("--store", default=DEFAULT_STORE)
+    rm = sub.add_parser("rm", help="remove an artifact; refused while others depend on it")
+    rm.add_argument("ref", help="artifact id or <stage>:latest")
+    rm.add_argument("--with-dependants", action="store_true", help="also remove what was built from it")
+    gc = sub.add_parser("gc", help="remove old artifacts nothing needs, checkpoints of finished runs, ...")
+    gc.add_argument("--keep-days", type=float, default=30.0, help="keep every artifact younger than this")
+    for command in (rm, gc):
+        command.add_argument(
+            "--with-runs", action="store_true", help="also remove their run folders (curves)"
+        )
+        command.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+        command.add_argument("--store", default=DEFAULT_STORE)
     args = parser.parse_args(argv)
     store = ArtifactStore(args.store)
     if args.action == "ls":
         print(render_list(store.list(args.stage)))
-    else:
+    elif args.action == "show":
         print(render_show(store, store.resolve(args.ref)))
+    elif args.action == "export":
+        from pipeline.export import export_artifact
+
+        out = export_artifact(store, args.ref, args.out, adapter=args.adapter, base=args.base)
+        print(f"exported {args.ref} to {out}")
+    else:
+        return cleanup_command(args, store)
     return 0
+
+
+def cleanup_command(args: argparse.Namespace, store) -> int:
+    from pipeline.cleanup import execute, plan_gc, plan_rm, render_plan
+
+    references = label_references(args.store)
+    if args.action == "rm":
+        plan = plan_rm(
+            store,
+            args.ref,
+            references=references,
+            with_dependants=args.with_dependants,
+            with_runs=args.with_runs,
+        )
+    else:
+        plan = plan_gc(store, references=references, keep_days=args.keep_days, with_runs=args.with_runs)
+    print(render_plan(plan, dry_run=args.dry_run))
+    if not args.dry_run:
+        execute(store, plan)
+    return 0
+
+
+def label_references(store_root: str) -> dict[str, list[str]]:
+    """Artifact id -> what in the label database needs it (generated completions, arena models).
+
+    The label database (pipeline/app/db.py) is not part of this checkout yet; when it lands this returns
+    `artifact_references(default_db_path(store_root))` from it, and rm/gc refuse what it names.
+    """
+    return {}
 
 
 def data_command(argv: list[str]) -> int:

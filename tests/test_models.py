@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.chat import CHATML_END, DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
@@ -37,6 +38,8 @@ def test_embedded_model_converts_once_and_matches_the_gguf_weights(tmp_path_fact
         torch.testing.assert_close(converted(ids).logits, original(ids).logits)
     tokenizer = load_tokenizer(first.path)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.eos_token == CHATML_END
+    card = ModelCard.load(f"{first.path}/README.md")  # the base artifact's model card knows the original
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
     assert next(converted.parameters()).dtype == torch.float32
 
 

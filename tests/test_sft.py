@@ -229,7 +229,9 @@ def test_sft_lora_artifact_reloads_with_merged_adapter(tmp_path, tiny_model_dir,
     artifact = run(cfg, store)
     events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert events, "TensorBoard is the default logger"
-    assert {e.parent.parent for e in events} == {tmp_path / "runs"}, "one folder per run: runs/sft-<time>"
+    # One folder per run, runs/sft-<time> (TensorBoard keeps the hyperparameters in a subfolder of it).
+    (run_name,) = {e.relative_to(tmp_path / "runs").parts[0] for e in events}
+    assert artifact.meta["run_dir"] == str((tmp_path / "runs" / run_name).resolve())
     files = set(artifact.manifest["files"])
     assert "adapter_config.json" in files and "rlhf_model.json" in files and "model.safetensors" not in files
     merged = load_causal_lm(resolve_model("sft:latest", store), store)

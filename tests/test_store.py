@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import object_keys
 
 from pipeline.artifacts_view import render_list, render_show
 from pipeline.store import MANIFEST, ArtifactStore, StoreError, dataset_fingerprint
@@ -297,50 +298,6 @@ def test_killed_local_publish_leaves_no_artifact(store, tmp_path):
 
 
 # -- a real S3-protocol server ----------------------------------------------------------------------
-
-BUCKET = "rlhf-artifacts"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """moto's S3 server on loopback, with dummy credentials; the endpoint reaches s3fs through botocore's env."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    no_config = tmp_path_factory.mktemp("aws") / "none"
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": str(no_config),
-            "AWS_SHARED_CREDENTIALS_FILE": str(no_config),
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_ENDPOINT_URL_S3": endpoint,
-        }.items():
-            env.setenv(name, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()  # a client made before this endpoint was set
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield endpoint
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
-@pytest.fixture
-def s3_root(s3_endpoint, request, tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
-    return f"s3://{BUCKET}/{request.node.name}"
-
-
-def object_keys(prefix: str) -> list[str]:
-    import boto3
-
-    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return [item["Key"] for item in listing.get("Contents", [])]
 
 
 def test_s3_publish_list_resolve_and_download(s3_root, tmp_path):

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from pipeline.chat import tokenize_completion
 from pipeline.config import to_dict
 from pipeline.datasets import DataError, load_records
+from pipeline.model_card import write_model_card
 from pipeline.models import (
     LoraSettings,
     ModelError,
@@ -47,6 +48,7 @@ from pipeline.models import (
 )
 from pipeline.scoring import RewardScorer
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
+from pipeline.tracking import flat_config, run_folder, tracker_names
 from stages.reward.groups import (
     Collator,
     DataCounts,
@@ -104,8 +106,8 @@ class Config:
     """Score at most this many demonstrations (the first ones) for the normalisation; unset: all."""
     seed: int = 0
     """Seed for the held-out split, data order and the score head's initialisation."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where training curves go."""
+    report_to: str | list[str] = "tensorboard"
+    """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none."""
     output_dir: str = "runs"
     """Run folder for logs (TensorBoard events under <output_dir>/reward-<time>)."""
 
@@ -118,6 +120,7 @@ class Config:
             raise ValueError("groups_per_batch and epochs must be at least 1")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be positive or -1 (run `epochs`), got {self.max_steps}")
+        tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
         if self.margin and self.loss != "pairwise":
             raise ValueError("margin applies to the pairwise loss only; set loss: pairwise or margin: false")
         if self.normalise_limit is not None and self.normalise_limit < 1:
@@ -128,9 +131,7 @@ class Config:
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train the reward model and publish a `reward` artifact (main process); other processes return None."""
-    accelerator = Accelerator(
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None, project_dir=cfg.output_dir
-    )
+    accelerator = Accelerator(log_with=tracker_names(cfg.report_to) or None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     resolved = resolve_model(cfg.init, store)
     tokenizer = load_tokenizer(resolved.path)
@@ -145,7 +146,8 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
-    accelerator.init_trackers(f"reward-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    run_dir = Path(cfg.output_dir) / f"reward-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    accelerator.init_trackers(run_dir.name, config=flat_config(to_dict(cfg)))
 
     step, started, recent = 0, time.perf_counter(), []
     progress = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_local_main_process)
@@ -162,7 +164,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
             recent.append(accelerator.reduce(loss.detach(), "mean").item())
             progress.update(1)
             progress.set_postfix(loss=f"{recent[-1]:.4f}")
-            accelerator.log({"train/loss": recent[-1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            accelerator.log(
+                {"train/loss": recent[-1], "train/learning_rate": scheduler.get_last_lr()[0]}, step=step
+            )
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
                 accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
@@ -191,7 +195,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         "train_seconds": round(train_seconds, 2),
         **stats,
     }
-    artifact = publish(cfg, store, accelerator, scorer, tokenizer, resolved, metrics, stats)
+    artifact = publish(cfg, store, accelerator, scorer, tokenizer, resolved, metrics, stats, run_dir)
     accelerator.end_training()
     return artifact
 
@@ -382,6 +386,7 @@ def publish(
     resolved: ResolvedModel,
     metrics: dict[str, Any],
     stats: dict[str, float],
+    run_dir: Path,
 ) -> Artifact | None:
     """Save adapter (or full model), tokenizer and model card; the main process publishes them."""
     # Collective under ZeRO-3/FSDP (every process gathers its shard); a plain state dict otherwise.
@@ -409,15 +414,12 @@ def publish(
             accelerator.unwrap_model(scorer).model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             write_card(Path(tmp), card)
-            artifact = store.publish(
-                "reward",
-                tmp,
-                config=to_dict(cfg),
-                inputs=inputs,
-                metrics=metrics,
-                meta={k: card[k] for k in ("reward_mean", "reward_std", "reward_bias", "max_length")}
-                | {"adapter": cfg.lora.enabled, "init": adapter_base, "loss": cfg.loss},
-            )
+            meta = {k: card[k] for k in ("reward_mean", "reward_std", "reward_bias", "max_length")}
+            meta |= {"adapter": cfg.lora.enabled, "init": adapter_base, "loss": cfg.loss}
+            meta |= run_folder(run_dir)
+            manifest = dict(config=to_dict(cfg), inputs=inputs, metrics=metrics, meta=meta)
+            write_model_card(tmp, "reward", store=store, **manifest)  # README.md: replaces peft's template
+            artifact = store.publish("reward", tmp, **manifest)
     accelerator.wait_for_everyone()
     return artifact
 

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, set_seed
-from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.chat import tokenize_conversation
 from pipeline.config import ConfigError, to_dict
 from pipeline.datasets import load_records
+from pipeline.model_card import write_model_card
 from pipeline.models import (
     EMBEDDED_MODEL,
     LoraSettings,
@@ -40,6 +40,7 @@ from pipeline.models import (
 )
 from pipeline.packed_attention import use_packed_attention
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
+from pipeline.tracking import TrackerCallback, finish_trackers, run_folder, start_trackers, tracker_names
 
 IGNORE_INDEX = -100
 
@@ -90,8 +91,8 @@ class Config:
     """Evaluate every this many steps; 0 evaluates only at the end."""
     logging_steps: int = 10
     """Log loss and learning rate every this many steps."""
-    report_to: str = "tensorboard"
-    """Where metrics go: tensorboard, wandb, none, ... (any transformers `report_to`)."""
+    report_to: str | list[str] = "tensorboard"
+    """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none."""
     output_dir: str = "runs"
     """Run folder for logs (TensorBoard events under <output_dir>/sft-<time>)."""
     seed: int = 0
@@ -106,6 +107,7 @@ class Config:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be at least 1")
+        tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
 
 
 def tokenize_dataset(
@@ -191,7 +193,7 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
         eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps or None,
         save_strategy="no",
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to=[],  # our TrackerCallback logs, under the metric names every stage uses
         seed=cfg.seed,
         data_seed=cfg.seed,
         max_length=None,  # conversations are already cut to cfg.max_length by tokenize_dataset
@@ -240,7 +242,8 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         eval_dataset=eval_set if len(eval_set) else None,
         processing_class=tokenizer,
     )
-    write_tensorboard_to(trainer, run_dir)
+    trackers = start_trackers(tracker_names(cfg.report_to), run_dir, to_dict(cfg))
+    trainer.add_callback(TrackerCallback(trackers))
     eval_before = trainer.evaluate()["eval_loss"] if len(eval_set) else None
     result = trainer.train()
     metrics: dict[str, Any] = {
@@ -256,6 +259,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         metrics["eval_loss_before"] = eval_before
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    finish_trackers(trackers)
 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
@@ -263,23 +267,13 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     inputs = [source.lineage, dataset_fingerprint(cfg.data)]
     if cfg.eval_data:
         inputs.append(dataset_fingerprint(cfg.eval_data))
-    return publish(
-        trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, store, inputs, metrics, source
-    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return publish(model, tokenizer, cfg, store, inputs, metrics, source, run_dir)
 
 
-def write_tensorboard_to(trainer: SFTTrainer, folder: Path) -> None:
-    """All of a run's TensorBoard events in its run folder.
-
-    transformers picks the folder when training begins, so the evaluation before training would open a
-    writer on its default, ./runs/<date>, and the run's curves would be split over two folders.
-    """
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = str(folder)
-
-
-def publish(model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics, source) -> Artifact:
+def publish(
+    model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics, source, run_dir
+) -> Artifact:
     """Save adapter or full weights with the tokenizer and model card, then publish them as one artifact."""
     with tempfile.TemporaryDirectory() as tmp:
         model.config._attn_implementation = (
@@ -292,11 +286,7 @@ def publish(model, tokenizer, cfg: Config, store: ArtifactStore, inputs, metrics
             # The adapter's own base path may be a cache folder; the card names the source that resolves anywhere.
             card["adapter_base"] = source.lineage.get("artifact") or source.lineage.get("model")
         write_card(Path(tmp), card)
-        return store.publish(
-            "sft",
-            tmp,
-            config=to_dict(cfg),
-            inputs=inputs,
-            metrics=metrics,
-            meta={"adapter": cfg.lora.enabled, "base_model": card.get("adapter_base") or cfg.model},
-        )
+        meta = {"adapter": cfg.lora.enabled, "base_model": card.get("adapter_base") or cfg.model}
+        manifest = dict(config=to_dict(cfg), inputs=inputs, metrics=metrics, meta=meta | run_folder(run_dir))
+        write_model_card(tmp, "sft", store=store, **manifest)  # README.md: replaces peft's empty template
+        return store.publish("sft", tmp, **manifest)
