@@ -76,7 +76,7 @@ def build_chain(root: Path, tokenizer_dir: Path) -> Chain:
     reward = store.resolve("reward:latest")
     config = write_config(
         root / "ppo.yaml", store, policy=sft.id, reward=reward.id, steps=2, eval_every=1, eval_limit=4,
-        sample_every=1, output_dir=str(runs), report_to="tensorboard",
+        sample_every=1, output_dir=str(runs), report_to=["tensorboard", "trackio"],
     )  # fmt: skip
     assert cli_main(["ppo", "--config", str(config)]) == 0
     ppo = store.resolve("ppo:latest")

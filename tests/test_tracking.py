@@ -62,18 +62,33 @@ def test_report_to_takes_a_name_a_list_or_none_and_refuses_what_cannot_run():
 
 
 @pytest.mark.parametrize(
-    ("stage", "names", "final"),
+    ("stage", "names", "final", "per_step"),
     [
-        ("sft", {"train/loss", "train/learning_rate", "eval/loss"}, {"eval/loss": "eval_loss"}),
+        ("sft", {"train/loss", "train/learning_rate", "eval/loss"}, {"eval/loss": "eval_loss"}, "train/loss"),
         (
             "reward",
             {"train/loss", "train/learning_rate", "eval/loss", "eval/accuracy"},
             {"eval/accuracy": "eval_accuracy", "eval/loss": "eval_loss"},
+            "train/loss",
+        ),
+        (
+            "ppo",
+            {
+                "train/score",
+                "train/kl",
+                "train/policy_loss",
+                "train/no_stop",
+                "eval/score",
+                "eval/win",
+                "eval/kl",
+            },
+            {"eval/score": "eval_score_final", "eval/win": "eval_win_rate_final"},
+            "train/score",
         ),
     ],
 )
 def test_tensorboard_and_trackio_get_the_same_metrics_under_the_same_names(
-    artifact_chain, stage, names, final
+    artifact_chain, stage, names, final, per_step
 ):
     artifact = getattr(artifact_chain, stage)
     run_dir = Path(artifact.meta["run_dir"])
@@ -88,7 +103,7 @@ def test_tensorboard_and_trackio_get_the_same_metrics_under_the_same_names(
     for name, metric in final.items():  # the last logged value is the one the manifest records
         last = board[name][max(board[name])]
         assert last == pytest.approx(artifact.metrics[metric], rel=1e-6), name
-    assert len(board["train/loss"]) >= 2  # logged during training, not only at the end
+    assert len(board[per_step]) >= 2  # logged during training, not only at the end
 
 
 def test_samples_are_logged_as_text_where_the_tracker_shows_text(tmp_path):

@@ -8,6 +8,7 @@ from typing import Literal
 from pipeline.generation import EngineName
 from pipeline.models import LoraSettings
 from pipeline.store import default_store_root
+from pipeline.tracking import tracker_names
 
 
 @dataclass
@@ -136,8 +137,9 @@ class Config:
     """Run folder name under output_dir; `--resume latest` looks there."""
     resume: str | None = None
     """`latest` (newest checkpoint of this run, or a fresh start when none) or a checkpoint folder."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Where step metrics go besides the artifact's metrics.jsonl."""
+    report_to: str | list[str] = "tensorboard"
+    """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none.
+    Every step's metrics go to metrics.jsonl in the artifact as well."""
     progress: bool = True
     """Show a progress bar with the live score and KL (main process)."""
     seed: int = 0
@@ -173,6 +175,7 @@ class Config:
             raise ValueError(
                 "critic: head reads the reward model's hidden states, so it needs value_init: reward"
             )
+        tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
         if self.max_kl is not None and self.max_kl <= 0:

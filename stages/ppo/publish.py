@@ -17,42 +17,31 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import to_dict
+from pipeline.model_card import write_model_card
 from pipeline.models import resolve_model, write_card
 from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.tracking import log_samples, run_folder
 from stages.ppo.checkpoint import RunState
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic
 from stages.ppo.policy import Policy
 
 
-class Tracker:
-    """TensorBoard events for the run folder (main process), when `report_to` asks for them."""
-
-    def __init__(self, cfg: Config, run_dir: Path, acc: Accelerator):
-        self.writer = None
-        if cfg.report_to == "tensorboard" and acc.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, metrics: dict[str, float], logged_samples: list[dict]) -> None:
-        if self.writer is None:
-            return
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if key != "step":
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        for item in logged_samples:
-            if item["step"] == step:
-                prompt = item["prompt"][-1]["content"]
-                text = (
-                    f"**prompt**: {prompt}\n\n**response**: {item['response']}\n\nscore {item['score']:.3f}"
-                )
-                self.writer.add_text("samples", text, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def log_step(acc: Accelerator, metrics: dict[str, float], logged_samples: list[dict]) -> None:
+    """A step's metrics to every tracker (`train/<name>`, evaluations as `eval/...`), and the completions
+    logged at this step where the tracker shows text."""
+    step = int(metrics["step"])
+    acc.log(
+        {key if "/" in key else f"train/{key}": value for key, value in metrics.items() if key != "step"},
+        step=step,
+    )
+    if acc.is_main_process:
+        rows = [
+            {"prompt": item["prompt"][-1]["content"], "response": item["response"], "score": item["score"]}
+            for item in logged_samples
+            if item["step"] == step
+        ]
+        log_samples(acc.trackers, rows, step)
 
 
 def summarize(history: list[dict], episodes: int, elapsed: float) -> dict[str, float]:
@@ -100,6 +89,7 @@ def publish(
     state: RunState,
     summary: dict[str, float],
     pairs: list[dict],
+    run_dir: Path,
 ) -> Artifact | None:
     """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside.
 
@@ -118,6 +108,9 @@ def publish(
                 out, {"kind": "causal_lm"} | ({"adapter_base": source_of(sft)} if cfg.lora.enabled else {})
             )
             critic.save(out / "value", base=source_of(value_base), adapter=cfg.lora.enabled)
+            (out / "value" / "README.md").unlink(
+                missing_ok=True
+            )  # peft's empty template; the root card covers it
             logs = (
                 ("metrics.jsonl", state.history),
                 ("samples.jsonl", state.samples),
@@ -145,10 +138,10 @@ def publish(
                 "value_init": cfg.value_init,
                 "base_policy": source_of(sft),
                 "rollout_engine": state.engine,
-            }
-            artifact = store.publish(
-                "ppo", out, config=to_dict(cfg), inputs=inputs, metrics=summary, meta=meta
-            )
+            } | run_folder(run_dir)
+            manifest = dict(config=to_dict(cfg), inputs=inputs, metrics=summary, meta=meta)
+            write_model_card(out, "ppo", store=store, **manifest)  # README.md: replaces peft's template
+            artifact = store.publish("ppo", out, **manifest)
     acc.wait_for_everyone()
     return artifact
 

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
+from pipeline.config import to_dict
 from pipeline.datasets import load_records
 from pipeline.generation import SamplingSettings, Sequences, make_engine, position_ids
 from pipeline.models import ModelError, load_tokenizer, resolve_model
 from pipeline.scoring import load_reward
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.tracking import flat_config, tracker_names
 from stages.ppo import rl
 from stages.ppo.checkpoint import (
     RunState,
@@ -50,7 +52,7 @@ from stages.ppo.critic import Critic, load_critic
 from stages.ppo.evaluate import EvalSet, Evaluation
 from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy, load_policy_and_reference
-from stages.ppo.publish import Tracker, publish, summarize
+from stages.ppo.publish import log_step, publish, summarize
 
 __all__ = ["Config", "run"]
 
@@ -61,7 +63,7 @@ class TrainingDiverged(ValueError):
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train with PPO and publish a `ppo` artifact (main process); other processes return None."""
-    acc = Accelerator()
+    acc = Accelerator(log_with=tracker_names(cfg.report_to) or None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     if cfg.batch_size % acc.num_processes or cfg.mini_batch_size % acc.num_processes:
         raise ValueError(
@@ -134,7 +136,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         state.history.append({"step": 0, **evaluation.run(policy, critic)})
 
     settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    tracker = Tracker(cfg, run_dir, acc)
+    acc.init_trackers(cfg.run_name, config=flat_config(to_dict(cfg)))
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc="ppo", disable=not (acc.is_main_process and cfg.progress)
     )
@@ -182,7 +184,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         if problem is not None:
             saved = save_for_inspection(run_dir, acc, trained=trained, state=state, generator=generator)
             raise TrainingDiverged(f"step {state.step}: {problem}; the state is saved in {saved} to inspect")
-        tracker.log(state.history[-1], state.samples)
+        log_step(acc, state.history[-1], state.samples)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}")
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -190,10 +192,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
                 run_dir, acc, trained=trained, state=state, generator=generator, keep=cfg.keep_checkpoints
             )
     bar.close()
-    tracker.close()
     summary = summarize(state.history, episodes, time.perf_counter() - started)
     pairs = evaluation.pairs if evaluation is not None else []
-    return publish(
+    artifact = publish(
         cfg,
         store,
         acc,
@@ -203,7 +204,10 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         state=state,
         summary=summary,
         pairs=pairs,
+        run_dir=run_dir,
     )
+    acc.end_training()  # after publishing: it ends the process group the publish waits on
+    return artifact
 
 
 # -- steps 2 and 3: scores, rewards, advantages --------------------------------------------------------
