@@ -11,6 +11,8 @@ rlhf artifacts export REF --out DIR [--adapter --base NAME]   a standalone Huggi
 rlhf artifacts rm REF [--with-dependants] [--with-runs] [--dry-run]
 rlhf artifacts gc [--keep-days N] [--with-runs] [--dry-run]   old artifacts, checkpoints, unfinished folders
 rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
+rlhf label users|import|generate|status|export   the label database (`rlhf label --help`)
+rlhf app [--host H] [--port P]                   the labelling app, login required
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return artifacts_command(rest)
         if command == "data":
             return data_command(rest)
+        if command in ("label", "app"):
+            from pipeline.app import cli as app_cli
+
+            return app_cli.label_main(rest) if command == "label" else app_cli.app_main(rest)
         raise UsageError(f"unknown command {command!r}; run `rlhf --help` for the list")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -67,11 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def is_user_error(err: Exception) -> bool:
     """Errors our own code raises with a message meant for the user (bad config, data, reference)."""
+    from pipeline.app.db import LabelError
     from pipeline.datasets import DataError
     from pipeline.models import ModelError
     from pipeline.store import StoreError
 
-    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError))
+    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError, LabelError))
 
 
 def run_stage(name: str, argv: list[str]) -> int:
