@@ -14,11 +14,12 @@ from pipeline.app import reports, tasks
 from pipeline.app.agreement import agreement_summary
 from pipeline.app.db import LabelError
 from pipeline.app.export import export_labels
-from pipeline.app.progress import COUNT_COLUMNS, LABEL_COLUMNS
+from pipeline.app.progress import COUNT_COLUMNS, COUNT_HEADERS, LABEL_COLUMNS
 from pipeline.app.server import AppSettings, current_user, shown_as_error
 from pipeline.app.users import User, list_users, set_password
 
 QUEUE_COLUMNS = ["kind", "tasks", "waiting", "in_progress", "done", "labels", "labels_wanted"]
+QUEUE_HEADERS = ["task kind", "tasks", "waiting", "in progress", "done", "labels", "labels wanted"]
 
 
 @dataclass
@@ -42,15 +43,16 @@ def require_admin(settings: AppSettings, request: gr.Request) -> User:
 def build(settings: AppSettings) -> AdminView:
     refresh = gr.Button("Refresh", elem_id="admin-refresh")
     with gr.Row():
-        queue = gr.Dataframe(headers=QUEUE_COLUMNS, label="Tasks by state", interactive=False)
+        queue = gr.Dataframe(headers=QUEUE_HEADERS, label="Tasks by state", interactive=False)
         agreement = gr.Markdown(elem_id="admin-agreement")
-    counts = gr.Dataframe(headers=COUNT_COLUMNS, label="Labels per annotator", interactive=False)
+    counts = gr.Dataframe(headers=COUNT_HEADERS, label="Labels per annotator", interactive=False)
     with gr.Row():
         export = gr.Button("Export a labels artifact", variant="primary", elem_id="admin-export")
         exported = gr.Markdown(elem_id="admin-exported")
     with gr.Accordion("An annotator's labels", open=False):
         with gr.Row():
-            whose = gr.Dropdown(label="Annotator", choices=[], scale=3)
+            # allow_custom_value: the choices are filled per admin session; the handler checks who may look.
+            whose = gr.Dropdown(label="Annotator", choices=[], allow_custom_value=True, scale=3)
             show_labels = gr.Button("Show", scale=1)
         their_labels = gr.Dataframe(headers=LABEL_COLUMNS, interactive=False, wrap=True)
         with gr.Row():
@@ -60,7 +62,7 @@ def build(settings: AppSettings) -> AdminView:
         discarded = gr.Markdown()
     with gr.Accordion("Reset a password", open=False):
         with gr.Row():
-            reset_user = gr.Dropdown(label="User", choices=[])
+            reset_user = gr.Dropdown(label="User", choices=[], allow_custom_value=True)
             new_password = gr.Textbox(label="New password", type="password")
             reset = gr.Button("Set password")
         reset_done = gr.Markdown()
@@ -132,9 +134,12 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def on_load(app: gr.Blocks, view: AdminView, settings: AppSettings) -> None:
+def on_load(app: gr.Blocks, block: gr.Tab, view: AdminView, settings: AppSettings) -> None:
+    """Fill the tab for an admin when the page loads, and again each time the tab is opened."""
+
     def load(request: gr.Request):
         user = current_user(settings, request)
         return show(settings, request) if user.is_admin else [gr.skip()] * len(view.outputs())
 
     app.load(load, outputs=view.outputs(), api_name=False)
+    block.select(load, outputs=view.outputs(), api_name=False)

@@ -5,7 +5,11 @@
   const FLAG_KEYS = { h: "harmful", t: "untruthful", e: "not English", r: "not rankable" };
   let focus = 0;
   const visible = (el) => el && el.offsetParent !== null;
-  const slots = () => [...document.querySelectorAll(".rank-slot")].filter(visible);
+  // Gradio renders a group's element id and classes on two nested divs: keep the outer one of each slot.
+  const slots = () =>
+    [...document.querySelectorAll(".rank-slot")].filter(
+      (el) => visible(el) && !el.parentElement.closest(".rank-slot"),
+    );
   const typing = (el) =>
     el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["radio", "checkbox"].includes(el.type)));
   const mark = () => {
@@ -52,10 +56,12 @@
     list[focus].scrollIntoView({ block: "nearest" });
   });
 
+  // A click (a person's, not the ones above) moves the focus to the slot clicked in.
   document.addEventListener("click", (event) => {
-    const slot = event.target.closest && event.target.closest(".rank-slot");
+    const list = slots();
+    const slot = event.isTrusted && list.find((el) => el.contains(event.target));
     if (slot) {
-      focus = Math.max(0, slots().indexOf(slot));
+      focus = list.indexOf(slot);
       mark();
     }
   });

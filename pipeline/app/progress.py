@@ -9,6 +9,7 @@ import gradio as gr
 from pipeline.app import reports
 from pipeline.app.server import AppSettings, current_user
 
+# Row keys from pipeline.app.reports, and the column headers they are shown under.
 COUNT_COLUMNS = [
     "user",
     "rankings",
@@ -17,6 +18,15 @@ COUNT_COLUMNS = [
     "undone",
     "discarded",
     "median_seconds_per_ranking",
+]
+COUNT_HEADERS = [
+    "annotator",
+    "rankings",
+    "demonstrations",
+    "prompts",
+    "undone",
+    "discarded",
+    "median s per ranking",
 ]
 LABEL_COLUMNS = ["label", "kind", "task", "summary", "submitted", "retracted"]
 
@@ -36,7 +46,7 @@ def build(settings: AppSettings) -> ProgressTab:
     summary = gr.Markdown(elem_id="progress-summary")
     mine = gr.Dataframe(headers=LABEL_COLUMNS, label="Your latest labels", interactive=False, wrap=True)
     everyone = gr.Dataframe(
-        headers=COUNT_COLUMNS, label="Everyone's labels", interactive=False, visible=False
+        headers=COUNT_HEADERS, label="Everyone's labels", interactive=False, visible=False
     )
     refresh = gr.Button("Refresh", elem_id="progress-refresh")
     tab = ProgressTab(summary, mine, everyone, refresh)
@@ -52,11 +62,11 @@ def show(settings: AppSettings, request: gr.Request) -> list:
     user = current_user(settings, request)
     own = reports.progress(settings.db, user.name)[0]
     text = (
-        f"**{own['rankings']}** rankings, **{own['demonstrations']}** demonstrations and **{own['prompts']}** "
-        f"prompts submitted; {own['undone']} undone, {own['discarded']} discarded by an admin."
+        f"Your labels: rankings **{own['rankings']}** · demonstrations **{own['demonstrations']}** · "
+        f"prompts **{own['prompts']}** · undone {own['undone']} · discarded by an admin {own['discarded']}"
     )
     if own["median_seconds_per_ranking"] is not None:
-        text += f" Median time per ranking: {own['median_seconds_per_ranking']} s."
+        text += f" · median time per ranking {own['median_seconds_per_ranking']} s"
     mine = reports.labels_of(settings.db, user, user.name)
     everyone = reports.progress(settings.db) if user.is_admin else []
     return [
@@ -66,8 +76,11 @@ def show(settings: AppSettings, request: gr.Request) -> list:
     ]
 
 
-def on_load(app: gr.Blocks, tab: ProgressTab, settings: AppSettings) -> None:
+def on_load(app: gr.Blocks, block: gr.Tab, tab: ProgressTab, settings: AppSettings) -> None:
+    """Fill the tab when the page loads, and again each time the tab is opened."""
+
     def load(request: gr.Request):
         return show(settings, request)
 
     app.load(load, outputs=tab.outputs(), api_name=False)
+    block.select(load, outputs=tab.outputs(), api_name=False)

@@ -23,6 +23,7 @@ from pipeline.app.render import chat_html, completion_html
 from pipeline.app.server import AppSettings, current_user, shown_as_error
 from pipeline.app.tasks import FLAGS, MAX_K, SLOT_NAMES, Lease
 
+TIER_CHOICES = [str(tier) for tier in range(1, MAX_K + 1)]
 SHORTCUTS = """**Keyboard:** `↑` `↓` (or `←` `→`) move between responses ·
 `1`-`9` put the focused response in that tier (equal tiers are ties) ·
 `h` harmful, `t` untruthful, `e` not English, `r` not rankable ·
@@ -66,10 +67,11 @@ def build(settings: AppSettings) -> RankTab:
                 with gr.Group(visible=False, elem_id=f"rank-slot-{i}", elem_classes="rank-slot") as box:
                     cards.append(gr.HTML(js_on_load=None))
                     with gr.Row():
+                        # Every tier a task can have: Gradio checks a submitted value against these.
                         tiers.append(
                             gr.Radio(
-                                choices=[], label=f"Tier for {SLOT_NAMES[i]} (1 = best)", elem_id=f"rank-tier-{i}",
-                                elem_classes="rank-tier", scale=3,
+                                choices=TIER_CHOICES, label=f"Tier for {SLOT_NAMES[i]} (1 = best)",
+                                elem_id=f"rank-tier-{i}", elem_classes="rank-tier", scale=3,
                             )
                         )  # fmt: skip
                         flags.append(
@@ -152,7 +154,7 @@ def task_view(lease: Lease | None, message: str) -> list:
         hidden = [gr.Group(visible=False)] * MAX_K
         return [
             f"{message}**No ranking task left for you.** Check back later, or write demonstrations meanwhile.",
-            "", *hidden, *[""] * MAX_K, *[gr.Radio(choices=[], value=None)] * MAX_K,
+            "", *hidden, *[""] * MAX_K, *[gr.Radio(value=None)] * MAX_K,
             *[gr.CheckboxGroup(value=[])] * MAX_K, "", "", 0,
         ]  # fmt: skip
     k = len(lease.shown)
@@ -165,7 +167,7 @@ def task_view(lease: Lease | None, message: str) -> list:
         *[completion_html(SLOT_NAMES[i], lease.shown[i]) if i < k else "" for i in range(MAX_K)],
         *[
             gr.Radio(
-                choices=choices if i < k else [],
+                choices=choices if i < k else TIER_CHOICES,
                 value=str(previous["tiers"][i]) if i < k and previous["tiers"][i] else None,
             )
             for i in range(MAX_K)

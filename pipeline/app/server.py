@@ -77,7 +77,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 rank_tab = rank.build(settings)
             with gr.Tab("Write", id="write"):
                 write_tab = write.build(settings)
-            with gr.Tab("Progress", id="progress"):
+            with gr.Tab("Progress", id="progress") as progress_block:
                 progress_tab = progress.build(settings)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 admin_view = admin.build(settings)
@@ -92,8 +92,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         app.load(greet, outputs=[whoami, admin_tab], api_name=False)
         rank.on_load(app, rank_tab, settings)
         write.on_load(app, write_tab)
-        progress.on_load(app, progress_tab, settings)
-        admin.on_load(app, admin_view, settings)
+        progress.on_load(app, progress_block, progress_tab, settings)
+        admin.on_load(app, admin_tab, admin_view, settings)
     return app
 
 
@@ -106,15 +106,17 @@ def login_check(settings: AppSettings):
     return check
 
 
-def launch(settings: AppSettings, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve the app with login required; returns Gradio's (app, local URL, share URL)."""
+def launch(
+    settings: AppSettings, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True
+) -> gr.Blocks:
+    """Serve the app with login required; with block=False return at once (`.local_url`, `.close()`)."""
     if not list_users(settings.db):
         raise LabelError(
             f"no users in {settings.db.path}: add one first with `rlhf label users add NAME --role admin`"
         )
     app = build_app(settings)
     app.queue(default_concurrency_limit=DB_CONCURRENCY)
-    return app.launch(
+    app.launch(
         server_name=host,
         server_port=port,
         auth=login_check(settings),
@@ -126,3 +128,4 @@ def launch(settings: AppSettings, *, host: str = "127.0.0.1", port: int = 7860, 
         css=(HERE / "style.css").read_text(encoding="utf-8"),
         js=(HERE / "keyboard.js").read_text(encoding="utf-8"),
     )
+    return app
