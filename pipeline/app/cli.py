@@ -9,7 +9,8 @@ rlhf label generate --policy REF [--policy REF ...] --prompts FILE [--k 4] [--ov
                     [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--seed 0] [--engine auto]
 rlhf label status                                                       queue and labels per annotator
 rlhf label export                                                       publish a `labels` artifact
-rlhf app [--host 127.0.0.1] [--port 7860] [--guidelines FILE] [--suggest-model REF ...]
+rlhf app [--host 127.0.0.1] [--port 7860] [--guidelines FILE] [--lease-minutes 30]
+         [--suggest-model REF ...] [--max_new_tokens 256] [--temperature 0.7] [--top_p 0.9] [--seed 0]
 
 Every command takes --store ROOT (default $RLHF_STORE or ./artifacts) and --db PATH (default
 <store>/labels.db; required when the store is an S3 URL).
@@ -172,6 +173,12 @@ def app_main(argv: list[str]) -> int:
         "--suggest-model", action="append", default=[], help="model the Write tab drafts with"
     )
     parser.add_argument("--engine", default="auto", help="sampling engine for suggestions")
+    parser.add_argument(
+        "--max_new_tokens", "--max-new-tokens", type=int, default=256, help="suggestion length"
+    )
+    parser.add_argument("--temperature", type=float, default=0.7, help="suggestion sampling temperature")
+    parser.add_argument("--top_p", "--top-p", type=float, default=0.9, help="suggestion nucleus sampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the suggestions' draws")
     args = parser.parse_args(argv)
     from pipeline.app.server import AppSettings, launch
 

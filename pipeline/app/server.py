@@ -47,6 +47,12 @@ class AppSettings:
     """Model sources the Write tab can draft replies with (empty: no suggestions)."""
     engine: str = "auto"
     """Sampling engine for suggestions (pipeline.generation)."""
+    suggest_sampling: dict = field(
+        default_factory=lambda: {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9}
+    )
+    """pipeline.generation.SamplingSettings for suggestions."""
+    seed: int = 0
+    """Seed of the suggestions' draws: each suggestion takes the next seed of a generator seeded with it."""
 
 
 @contextmanager

@@ -7,22 +7,28 @@ one suggestion at a time uses every core, and two would only slow each other dow
 
 from __future__ import annotations
 
-import secrets
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 from pipeline.store import ArtifactStore
 
-SUGGEST_SETTINGS = {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9}
-
 
 class Suggester:
     """Loaded models by source, and the lock that serialises their use."""
 
-    def __init__(self, store: ArtifactStore, engine: str = "auto") -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        engine: str = "auto",
+        sampling: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.store = store
         self.engine = engine
+        self.sampling = sampling or {}
+        self.seeds = random.Random(seed)  # each suggestion draws afresh; the sequence is fixed by `seed`
         self.policies: dict[str, Any] = {}
         self.lock = threading.Lock()
 
@@ -34,8 +40,8 @@ class Suggester:
             if source not in self.policies:
                 self.policies[source] = load_policy(source, self.store, engine=self.engine)
             policy = self.policies[source]
-            settings = SamplingSettings(**SUGGEST_SETTINGS)
-            yield from policy.stream(messages, settings, seed=secrets.randbelow(2**31))
+            settings = SamplingSettings(**self.sampling)
+            yield from policy.stream(messages, settings, seed=self.seeds.randrange(2**31))
 
     def provenance(self, source: str) -> str:
         """What a suggestion from `source` is recorded as: its artifact id, else the source as given."""

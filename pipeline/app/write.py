@@ -65,7 +65,11 @@ class WriteTab:
 
 
 def build(settings: AppSettings) -> WriteTab:
-    suggester = Suggester(settings.store, settings.engine) if settings.suggest_models else None
+    suggester = (
+        Suggester(settings.store, settings.engine, settings.suggest_sampling, settings.seed)
+        if settings.suggest_models
+        else None
+    )
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             mode = gr.Radio([FREE, QUEUED, PROMPT], value=FREE, label="What to write", elem_id="write-mode")
