@@ -182,8 +182,19 @@ def app_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pipeline.app.server import AppSettings, launch
 
-    settings = AppSettings(db=database(args), store=ArtifactStore(args.store), lease_seconds=args.lease_minutes * 60,
-                           suggest_models=args.suggest_model, engine=args.engine)  # fmt: skip
+    settings = AppSettings(
+        db=database(args),
+        store=ArtifactStore(args.store),
+        lease_seconds=args.lease_minutes * 60,
+        suggest_models=args.suggest_model,
+        engine=args.engine,
+        suggest_sampling={
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+        },
+        seed=args.seed,
+    )
     if args.guidelines:
         try:
             settings.guidelines = Path(args.guidelines).read_text(encoding="utf-8")
