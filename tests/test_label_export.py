@@ -36,14 +36,28 @@ def labelled(tmp_path):
     tasks.add_tasks(
         db,
         [
-            NewTask("rank", PROMPT_1, "t1", [Completion("Red.", "sft:latest", "sft-a", SAMPLING),
-                                             Completion("Blue", "sft:latest", "sft-a", SAMPLING),
-                                             Completion("I like colours.", "some/folder", None, None)]),
-            NewTask("rank", PROMPT_2, "t2", [Completion("<script>alert(1)</script>", "ppo:latest", "ppo-b", SAMPLING),
-                                             Completion("I won't run scripts.", "sft:latest", "sft-a", SAMPLING)]),
+            NewTask(
+                "rank",
+                PROMPT_1,
+                "t1",
+                [
+                    Completion("Red.", "sft:latest", "sft-a", SAMPLING),
+                    Completion("Blue", "sft:latest", "sft-a", SAMPLING),
+                    Completion("I like colours.", "some/folder", None, None),
+                ],
+            ),
+            NewTask(
+                "rank",
+                PROMPT_2,
+                "t2",
+                [
+                    Completion("<script>alert(1)</script>", "ppo:latest", "ppo-b", SAMPLING),
+                    Completion("I won't run scripts.", "sft:latest", "sft-a", SAMPLING),
+                ],
+            ),
         ],
         overlap=2,
-    )  # fmt: skip
+    )
     rank(db, "ann", [1, 1, 2], "red and blue are both fine")  # task 1: ranks [0, 0, 1]
     first, _ = rank(db, "ann", [1, 2])  # task 2, then undone and redone below
     again = tasks.undo(db, "ann", first.key)
@@ -123,8 +137,10 @@ def test_stages_resolve_a_labels_reference_to_the_file_of_their_kind(labelled, s
     assert data_file(artifact.id, "prompt", store).endswith("prompts.jsonl")
     assert data_file(str(store.local_path(artifact)), "conversation", store).endswith("conversations.jsonl")
     assert data_input(path) == {
-        "artifact": artifact.id, "file": "comparisons.jsonl", "sha256": artifact.manifest["files"]["comparisons.jsonl"]
-    }  # fmt: skip
+        "artifact": artifact.id,
+        "file": "comparisons.jsonl",
+        "sha256": artifact.manifest["files"]["comparisons.jsonl"],
+    }
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"prompt": "hi"}\n')
     assert data_file(str(plain), "prompt", store) == str(plain) and "artifact" not in data_input(str(plain))

@@ -152,12 +152,16 @@ def status_command(db: LabelDB) -> int:
 
     print("tasks by state:")
     for row in queue_summary(db):
-        print(f"  {row['kind']:<6} {row['tasks']} tasks: {row['waiting']} waiting, {row['in_progress']} in progress, "
-              f"{row['done']} done; {row['labels']} of {row['labels_wanted']} labels")  # fmt: skip
+        print(
+            f"  {row['kind']:<6} {row['tasks']} tasks: {row['waiting']} waiting, {row['in_progress']} in progress, "
+            f"{row['done']} done; {row['labels']} of {row['labels_wanted']} labels"
+        )
     print("labels per annotator:")
     for row in progress(db):
-        print(f"  {row['user']:<16} {row['rankings']} rankings, {row['demonstrations']} demonstrations, "
-              f"{row['prompts']} prompts, {row['undone']} undone, {row['discarded']} discarded")  # fmt: skip
+        print(
+            f"  {row['user']:<16} {row['rankings']} rankings, {row['demonstrations']} demonstrations, "
+            f"{row['prompts']} prompts, {row['undone']} undone, {row['discarded']} discarded"
+        )
     return 0
 
 

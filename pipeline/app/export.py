@@ -109,8 +109,12 @@ def read_records(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
         if row["kind"] == "ranking":
             records["comparisons"].append(validate_comparison(comparison(conn, row, body) | common))
         elif row["kind"] == "demonstration":
-            record = {"id": f"demonstration-{row['id']}", "messages": body["messages"], "task": row["task_id"],
-                      "suggested_by": body.get("suggested_by", [])}  # fmt: skip
+            record = {
+                "id": f"demonstration-{row['id']}",
+                "messages": body["messages"],
+                "task": row["task_id"],
+                "suggested_by": body.get("suggested_by", []),
+            }
             records["conversations"].append(validate_conversation(record | common))
         elif row["kind"] == "prompt":
             records["prompts"].append(

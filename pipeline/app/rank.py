@@ -70,10 +70,13 @@ def build(settings: AppSettings) -> RankTab:
                         # Every tier a task can have: Gradio checks a submitted value against these.
                         tiers.append(
                             gr.Radio(
-                                choices=TIER_CHOICES, label=f"Tier for {SLOT_NAMES[i]} (1 = best)",
-                                elem_id=f"rank-tier-{i}", elem_classes="rank-tier", scale=3,
+                                choices=TIER_CHOICES,
+                                label=f"Tier for {SLOT_NAMES[i]} (1 = best)",
+                                elem_id=f"rank-tier-{i}",
+                                elem_classes="rank-tier",
+                                scale=3,
                             )
-                        )  # fmt: skip
+                        )
                         flags.append(
                             gr.CheckboxGroup(list(FLAGS), label="Flags", elem_id=f"rank-flags-{i}", scale=2)
                         )
@@ -100,9 +103,13 @@ def build(settings: AppSettings) -> RankTab:
             if not lease_key:
                 raise LabelError("no task on the screen to submit")
             saved = tasks.submit_ranking(
-                settings.db, user.name, lease_key, [int(t) if t else None for t in tier_values[:k]],
-                [list(f or []) for f in flag_values[:k]], note_value or "",
-            )  # fmt: skip
+                settings.db,
+                user.name,
+                lease_key,
+                [int(t) if t else None for t in tier_values[:k]],
+                [list(f or []) for f in flag_values[:k]],
+                note_value or "",
+            )
             following = tasks.lease(settings.db, user.name, "rank", lease_seconds=settings.lease_seconds)
         message = "Already saved" if saved.duplicate else f"Saved (label {saved.label_id})"
         return [*task_view(following, f"{message}. "), saved.key]
@@ -154,9 +161,15 @@ def task_view(lease: Lease | None, message: str) -> list:
         hidden = [gr.Group(visible=False)] * MAX_K
         return [
             f"{message}**No ranking task left for you.** Check back later, or write demonstrations meanwhile.",
-            "", *hidden, *[""] * MAX_K, *[gr.Radio(value=None)] * MAX_K,
-            *[gr.CheckboxGroup(value=[])] * MAX_K, "", "", 0,
-        ]  # fmt: skip
+            "",
+            *hidden,
+            *[""] * MAX_K,
+            *[gr.Radio(value=None)] * MAX_K,
+            *[gr.CheckboxGroup(value=[])] * MAX_K,
+            "",
+            "",
+            0,
+        ]
     k = len(lease.shown)
     previous = lease.previous or {"tiers": [None] * k, "flags": [[] for _ in range(k)], "note": ""}
     choices = [str(t) for t in range(1, k + 1)]

@@ -405,9 +405,18 @@ def store_label(
     cursor = conn.execute(
         "INSERT INTO labels (key, kind, task_id, user, body, shown_order, seconds, app_version, created) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (key, kind, task_id, user, json.dumps(body, ensure_ascii=False), lease_row["shown_order"],
-         now - lease_row["issued"], app_version, now),
-    )  # fmt: skip
+        (
+            key,
+            kind,
+            task_id,
+            user,
+            json.dumps(body, ensure_ascii=False),
+            lease_row["shown_order"],
+            now - lease_row["issued"],
+            app_version,
+            now,
+        ),
+    )
     conn.execute("UPDATE tasks SET labelled = labelled + 1 WHERE id = ?", (task_id,))
     conn.execute("UPDATE leases SET closed = ?, outcome = 'submitted' WHERE key = ?", (now, key))
     return Submitted(cursor.lastrowid, key, duplicate=False)

@@ -81,8 +81,12 @@ def build(settings: AppSettings) -> WriteTab:
             user_box = gr.Textbox(label="User turn", lines=3, elem_id="write-user")
             assistant_box = gr.Textbox(label="Assistant reply", lines=6, elem_id="write-assistant")
             with gr.Row(visible=suggester is not None):
-                model = gr.Dropdown(settings.suggest_models, value=(settings.suggest_models or [None])[0],
-                                    label="Suggest a reply with", scale=3)  # fmt: skip
+                model = gr.Dropdown(
+                    settings.suggest_models,
+                    value=(settings.suggest_models or [None])[0],
+                    label="Suggest a reply with",
+                    scale=3,
+                )
                 suggest = gr.Button("Suggest", elem_id="write-suggest", scale=1)
             with gr.Row():
                 add = gr.Button("Add turn", elem_id="write-add")
@@ -104,13 +108,15 @@ def build(settings: AppSettings) -> WriteTab:
         elif draft.mode == PROMPT:
             message += "Write a prompt: one user turn that a good assistant could answer."
         return [
-            draft, draft.key, message,
+            draft,
+            draft.key,
+            message,
             gr.Textbox(visible=draft.mode != QUEUED),
             chat_html(draft.messages, empty="No turns yet."),
             "",
             gr.Textbox(value="", visible=draft.mode != PROMPT),
             gr.Button(visible=draft.mode != PROMPT),
-        ]  # fmt: skip
+        ]
 
     def start(request: gr.Request, chosen: str):
         user = current_user(settings, request)
@@ -135,9 +141,14 @@ def build(settings: AppSettings) -> WriteTab:
             if not form_key:
                 raise LabelError("nothing to submit: pick what to write first")
             saved = tasks.submit_dialogue(
-                settings.db, user.name, form_key, messages, as_prompt=draft.mode == PROMPT,
-                seconds=time.time() - draft.started, suggested_by=draft.suggested_by,
-            )  # fmt: skip
+                settings.db,
+                user.name,
+                form_key,
+                messages,
+                as_prompt=draft.mode == PROMPT,
+                seconds=time.time() - draft.started,
+                suggested_by=draft.suggested_by,
+            )
         what = "prompt" if draft.mode == PROMPT else "demonstration"
         message = "Already saved. " if saved.duplicate else f"Saved the {what} (label {saved.label_id}). "
         return view(new_draft(settings, user.name, draft.mode), message)
@@ -160,13 +171,18 @@ def build(settings: AppSettings) -> WriteTab:
     restart.click(start, inputs=[mode], outputs=view_outputs, api_name=False)
     add.click(add_turn, inputs=[draft_state, user_box, assistant_box], outputs=view_outputs, api_name=False)
     submit.click(
-        submit_dialogue, inputs=[key, draft_state, system, user_box, assistant_box], outputs=view_outputs,
+        submit_dialogue,
+        inputs=[key, draft_state, system, user_box, assistant_box],
+        outputs=view_outputs,
         api_name="submit_dialogue",
-    )  # fmt: skip
+    )
     suggest.click(
-        suggest_reply, inputs=[draft_state, model, system, user_box], outputs=[assistant_box, draft_state],
-        api_name="suggest_reply", concurrency_limit=1,
-    )  # fmt: skip
+        suggest_reply,
+        inputs=[draft_state, model, system, user_box],
+        outputs=[assistant_box, draft_state],
+        api_name="suggest_reply",
+        concurrency_limit=1,
+    )
     return WriteTab(mode, view_outputs, start)
 
 
