@@ -83,10 +83,10 @@ def test_keyboard_only_ranking_with_a_tie_and_an_xss_completion_shown_as_text(ap
     page = signed_in(browser, url, "alice")
     page.wait_for_selector("#rank-status:has-text('Task 1')")
     lease = tasks.lease(db, "alice", "rank")  # the lease the page shows (asking again returns it)
-    cards = page.locator(".rank-slot .completion .text")
+    cards = page.locator("#rank-task .rank-slot .completion .text")
     assert cards.all_inner_texts() == lease.shown  # each exactly as the model wrote it
     assert page.evaluate("window.__xss") is None
-    assert page.locator("#rank-prompt .turn-system .text").inner_text() == "Answer briefly."
+    assert page.locator("#rank-task .turn-system .text").inner_text() == "Answer briefly."
 
     wanted = {"4": 1, "Four.": 1, XSS: 3, "2 + 2 = 5": 2}  # "4" and "Four." tied best
     page.locator("body").click(position={"x": 5, "y": 5})  # the page, not a field, has the focus

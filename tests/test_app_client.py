@@ -9,7 +9,7 @@ import pytest
 from app_helpers import PASSWORDS, label_db, served
 
 from pipeline.app import tasks
-from pipeline.app.tasks import MAX_K, Completion, NewTask
+from pipeline.app.tasks import Completion, NewTask
 
 PROMPT = [{"role": "user", "content": "Pick a number."}]
 
@@ -49,14 +49,13 @@ def test_a_wrong_password_is_refused(app_url):
 def test_a_ranking_submitted_through_the_client_is_stored_once(app_url):
     url, db = app_url
     alice = client(url, "alice")
-    shown = alice.predict(api_name="/next_ranking")
-    key, k = shown[-2], shown[-1]
-    assert k == 3 and shown[0].startswith("Task 1")
-    tiers = ["2", "1", "2"] + [None] * (MAX_K - 3)
-    flags = [["harmful"], [], []] + [[]] * (MAX_K - 3)
-    after = alice.predict(key, k, *tiers, *flags, "a note", api_name="/submit_ranking")
+    status, task_html, answer, note, key = alice.predict(api_name="/next_ranking")
+    assert status.startswith("Task 1 · 3 responses") and task_html.count('class="rank-slot"') == 3
+    assert json.loads(answer) == {"tiers": [None] * 3, "flags": [[], [], []]} and key
+    ranking = json.dumps({"tiers": [2, 1, 2], "flags": [["harmful"], [], []]})
+    after = alice.predict(key, ranking, "a note", api_name="/submit_ranking")
     assert after[0].startswith("Saved (label") and after[-1] == key  # the key to undo
-    again = alice.predict(key, k, *tiers, *flags, "a note", api_name="/submit_ranking")
+    again = alice.predict(key, ranking, "a note", api_name="/submit_ranking")
     assert again[0].startswith("Already saved")
     row = sqlite3.connect(db.path).execute("SELECT user, body, shown_order FROM labels").fetchall()
     assert len(row) == 1 and row[0][0] == "alice"

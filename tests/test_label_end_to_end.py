@@ -17,7 +17,6 @@ from pathlib import Path
 from conftest import DEMO_DATA, REPO
 
 from pipeline.app.db import open_db
-from pipeline.app.tasks import MAX_K
 from pipeline.app.users import add_user
 from pipeline.cli import main
 
@@ -53,11 +52,11 @@ def test_labels_from_the_app_train_the_reward_model_with_lineage(tmp_path, store
     for name in ("alice", "bob"):
         request = gr.Request(username=name)
         shown = next_ranking(request)
-        while shown[-1]:  # the number of responses; 0 once the queue is empty for this annotator
-            key, k = shown[-2], shown[-1]
-            tiers = [str(rng.randint(1, k)) for _ in range(k)] + [None] * (MAX_K - k)
-            tiers[:2] = ["1", "2"]  # at least one ranked pair in every ranking
-            *shown, undo_key = submit(request, key, k, *tiers, *([[]] * MAX_K), "")
+        while key := shown[-1]:  # the lease key; empty once the queue is empty for this annotator
+            k = shown[1].count('class="rank-slot"')
+            tiers = [1, 2] + [rng.randint(1, k) for _ in range(k - 2)]  # at least one ranked pair each
+            answer = json.dumps({"tiers": tiers, "flags": [[] for _ in range(k)]})
+            *shown, undo_key = submit(request, key, answer, "")
             assert undo_key == key
     conn = sqlite3.connect(db.path)
     assert conn.execute("SELECT COUNT(*) FROM live_labels WHERE kind = 'ranking'").fetchone() == (

@@ -1,31 +1,53 @@
 () => {
-  // Keyboard-only ranking on the Rank tab (pipeline/app/rank.py). One slot has the keyboard focus (an
-  // outline): digits put it in that tier and move on to the next slot, arrows move the focus, letters
-  // toggle its flags, Ctrl+Enter submits. Typing in the note box types; Esc leaves it.
+  // The Rank tab's slots (pipeline/app/rank.py, render.ranking_html) from the keyboard and the mouse.
+  // Every change to a slot's tier or flags is written into the tab's hidden answer field, which the
+  // Submit button sends. One slot has the keyboard focus (an outline): digits put it in that tier and
+  // move on, arrows move the focus, letters toggle its flags, Ctrl+Enter submits. In the note box keys
+  // type text; Esc leaves it.
   const FLAG_KEYS = { h: "harmful", t: "untruthful", e: "not English", r: "not rankable" };
   let focus = 0;
+  let shownTask = null;
+
   const visible = (el) => el && el.offsetParent !== null;
-  // Gradio renders a group's element id and classes on two nested divs: keep the outer one of each slot.
-  const slots = () =>
-    [...document.querySelectorAll(".rank-slot")].filter(
-      (el) => visible(el) && !el.parentElement.closest(".rank-slot"),
-    );
+  const task = () => document.querySelector("#rank-task .rank-task");
+  const slots = () => (visible(task()) ? [...task().querySelectorAll(".rank-slot")] : []);
   const typing = (el) =>
     el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["radio", "checkbox"].includes(el.type)));
+
   const mark = () => {
     const list = slots();
     if (focus >= list.length) focus = 0;
     list.forEach((el, i) => el.classList.toggle("kb-focus", i === focus));
   };
-  const flagBox = (slot, name) =>
-    [...slot.querySelectorAll("input[type=checkbox]")].find((box) => box.closest("label").textContent.trim() === name);
+
+  const answer = () =>
+    JSON.stringify({
+      tiers: slots().map((slot) => {
+        const chosen = slot.querySelector(".tiers input:checked");
+        return chosen ? Number(chosen.value) : null;
+      }),
+      flags: slots().map((slot) => [...slot.querySelectorAll(".flags input:checked")].map((box) => box.value)),
+    });
+
+  // Set the hidden Gradio textbox the way typing would, so Gradio takes the new value.
+  const sync = () => {
+    const field = document.querySelector("#rank-answer textarea, #rank-answer input");
+    if (!field) return;
+    const setter = Object.getOwnPropertyDescriptor(Object.getPrototypeOf(field), "value").set;
+    setter.call(field, answer());
+    field.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+
+  document.addEventListener("change", (event) => {
+    if (event.target.closest && event.target.closest(".rank-task")) sync();
+  });
 
   document.addEventListener("keydown", (event) => {
     const submit = document.querySelector("#rank-submit");
     if (!visible(submit)) return;
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
-      focus = 0;
+      sync();
       submit.click();
       return;
     }
@@ -36,17 +58,18 @@
     const list = slots();
     if (!list.length || event.altKey || event.ctrlKey || event.metaKey) return;
     if (focus >= list.length) focus = 0;
+    const slot = list[focus];
     if (event.key === "ArrowDown" || event.key === "ArrowRight") {
       focus = Math.min(focus + 1, list.length - 1);
     } else if (event.key === "ArrowUp" || event.key === "ArrowLeft") {
       focus = Math.max(focus - 1, 0);
     } else if (/^[1-9]$/.test(event.key)) {
-      const choice = list[focus].querySelector(`.rank-tier input[type=radio][value="${event.key}"]`);
+      const choice = slot.querySelector(`.tiers input[value="${event.key}"]`);
       if (!choice) return;
-      choice.click();
+      choice.click(); // checks it and fires "change", which syncs the answer
       focus = Math.min(focus + 1, list.length - 1);
     } else if (FLAG_KEYS[event.key]) {
-      const box = flagBox(list[focus], FLAG_KEYS[event.key]);
+      const box = [...slot.querySelectorAll(".flags input")].find((b) => b.value === FLAG_KEYS[event.key]);
       if (box) box.click();
     } else {
       return;
@@ -56,7 +79,7 @@
     list[focus].scrollIntoView({ block: "nearest" });
   });
 
-  // A click (a person's, not the ones above) moves the focus to the slot clicked in.
+  // A person's click moves the focus to the slot clicked in (the clicks above are not a person's).
   document.addEventListener("click", (event) => {
     const list = slots();
     const slot = event.isTrusted && list.find((el) => el.contains(event.target));
@@ -66,15 +89,14 @@
     }
   });
 
-  // A new task replaces the slots' contents: start again at the first slot and show the outline.
-  let shownTask = null;
+  // A new task: start again at its first slot.
   new MutationObserver(() => {
-    const status = document.querySelector("#rank-status");
-    const task = status ? status.textContent.match(/Task (\d+)/) : null;
-    if (task && task[1] !== shownTask) {
-      shownTask = task[1];
+    const current = task();
+    const id = current ? current.dataset.task : null;
+    if (id !== shownTask) {
+      shownTask = id;
       focus = 0;
     }
     mark();
-  }).observe(document.body, { childList: true, subtree: true, characterData: true });
+  }).observe(document.body, { childList: true, subtree: true });
 }

@@ -1,9 +1,12 @@
 """The Rank tab: one leased task at a time, the prompt as a chat, then K completions to put into tiers.
 
-Each completion sits in a slot (A, B, ...) in the order shuffled for this annotator; a tier radio
-(1 = best; equal tiers are ties) and flag boxes per slot; a note; submit, skip and undo. Nine slots are
-laid out once and shown or hidden per task. keyboard.js drives the page from the keyboard: digits place
-the focused slot, arrows move the focus, letters toggle its flags, Ctrl+Enter submits.
+The task is one HTML block (render.ranking_html): each completion in a slot (A, B, ...) in the order
+shuffled for this annotator, with tier radios (1 = best; equal tiers are ties) and flag boxes. Then a
+note, and submit, skip and undo. keyboard.js keeps the tab's hidden answer field in step with the
+slots, as JSON {"tiers": [int | null per slot], "flags": [[str] per slot]}, and drives the page from the
+keyboard: digits place the focused slot, arrows move the focus, letters toggle its flags, Ctrl+Enter
+submits. (One HTML block and one answer field rather than a Gradio radio per slot: a submit then moves
+five values instead of fifty, which is most of its cost in Gradio.)
 
 The lease key travels with the form (a hidden field read when the button is pressed), so a
 double-clicked submit repeats the same key and stores one label, even though the first click has
@@ -13,19 +16,19 @@ it recorded on the lease: the page cannot misattribute a tier.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import gradio as gr
 
 from pipeline.app import tasks
 from pipeline.app.db import LabelError
-from pipeline.app.render import chat_html, completion_html
+from pipeline.app.render import ranking_html
 from pipeline.app.server import AppSettings, current_user, shown_as_error
-from pipeline.app.tasks import FLAGS, MAX_K, SLOT_NAMES, Lease
+from pipeline.app.tasks import FLAGS, Lease
 
-TIER_CHOICES = [str(tier) for tier in range(1, MAX_K + 1)]
 SHORTCUTS = """**Keyboard:** `↑` `↓` (or `←` `→`) move between responses ·
-`1`-`9` put the focused response in that tier (equal tiers are ties) ·
+`1`-`9` put the focused response in that tier and move on (equal tiers are ties) ·
 `h` harmful, `t` untruthful, `e` not English, `r` not rankable ·
 `Ctrl+Enter` submit · `Esc` leaves the note box."""
 
@@ -33,83 +36,42 @@ SHORTCUTS = """**Keyboard:** `↑` `↓` (or `←` `→`) move between responses
 @dataclass
 class RankTab:
     status: gr.Markdown
-    prompt: gr.HTML
-    boxes: list[gr.Group]
-    cards: list[gr.HTML]
-    tiers: list[gr.Radio]
-    flags: list[gr.CheckboxGroup]
+    task: gr.HTML
+    answer: gr.Textbox
     note: gr.Textbox
     key: gr.Textbox
-    size: gr.Number
     last_key: gr.Textbox
 
     def task_outputs(self) -> list:
-        return [
-            self.status,
-            self.prompt,
-            *self.boxes,
-            *self.cards,
-            *self.tiers,
-            *self.flags,
-            self.note,
-            self.key,
-            self.size,
-        ]
+        return [self.status, self.task, self.answer, self.note, self.key]
 
 
 def build(settings: AppSettings) -> RankTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_id="rank-main"):
             status = gr.Markdown(elem_id="rank-status")
-            prompt = gr.HTML(js_on_load=None, elem_id="rank-prompt")
-            boxes, cards, tiers, flags = [], [], [], []
-            for i in range(MAX_K):
-                with gr.Group(visible=False, elem_id=f"rank-slot-{i}", elem_classes="rank-slot") as box:
-                    cards.append(gr.HTML(js_on_load=None))
-                    with gr.Row():
-                        # Every tier a task can have: Gradio checks a submitted value against these.
-                        tiers.append(
-                            gr.Radio(
-                                choices=TIER_CHOICES,
-                                label=f"Tier for {SLOT_NAMES[i]} (1 = best)",
-                                elem_id=f"rank-tier-{i}",
-                                elem_classes="rank-tier",
-                                scale=3,
-                            )
-                        )
-                        flags.append(
-                            gr.CheckboxGroup(list(FLAGS), label="Flags", elem_id=f"rank-flags-{i}", scale=2)
-                        )
-                boxes.append(box)
+            task = gr.HTML(js_on_load=None, elem_id="rank-task")
             note = gr.Textbox(label="Note (optional)", lines=2, elem_id="rank-note")
             with gr.Row():
                 submit = gr.Button("Submit  (Ctrl+Enter)", variant="primary", elem_id="rank-submit")
                 skip = gr.Button("Skip", elem_id="rank-skip")
                 undo = gr.Button("Undo last submission", elem_id="rank-undo")
             gr.Markdown(SHORTCUTS, elem_id="rank-shortcuts")
+            answer = gr.Textbox(visible="hidden", elem_id="rank-answer")
             key = gr.Textbox(visible="hidden", elem_id="rank-key")
-            size = gr.Number(visible="hidden", precision=0, elem_id="rank-size")
             last_key = gr.Textbox(visible="hidden", elem_id="rank-last-key")
         with gr.Column(scale=2, elem_id="guidelines"):
             with gr.Accordion("Guidelines", open=True):
                 gr.Markdown(settings.guidelines)
-    tab = RankTab(status, prompt, boxes, cards, tiers, flags, note, key, size, last_key)
+    tab = RankTab(status, task, answer, note, key, last_key)
 
-    def submit_ranking(request: gr.Request, lease_key: str, k: float, *values):
+    def submit_ranking(request: gr.Request, lease_key: str, answer_json: str, note_text: str):
         user = current_user(settings, request)
-        k = int(k or 0)
-        tier_values, flag_values, note_value = values[:MAX_K], values[MAX_K : 2 * MAX_K], values[-1]
         with shown_as_error():
             if not lease_key:
                 raise LabelError("no task on the screen to submit")
-            saved = tasks.submit_ranking(
-                settings.db,
-                user.name,
-                lease_key,
-                [int(t) if t else None for t in tier_values[:k]],
-                [list(f or []) for f in flag_values[:k]],
-                note_value or "",
-            )
+            tiers, flags = parse_answer(answer_json)
+            saved = tasks.submit_ranking(settings.db, user.name, lease_key, tiers, flags, note_text or "")
             following = tasks.lease(settings.db, user.name, "rank", lease_seconds=settings.lease_seconds)
         message = "Already saved" if saved.duplicate else f"Saved (label {saved.label_id})"
         return [*task_view(following, f"{message}. "), saved.key]
@@ -132,61 +94,53 @@ def build(settings: AppSettings) -> RankTab:
             return [*task_view(following, "Undone. "), ""]
         return [*task_view(again, "Undone: here is that task again, as you ranked it. "), ""]
 
-    task_inputs = [key, size, *tiers, *flags, note]
+    outputs = tab.task_outputs()
     submit.click(
-        submit_ranking, inputs=task_inputs, outputs=[*tab.task_outputs(), last_key], api_name="submit_ranking"
+        submit_ranking, inputs=[key, answer, note], outputs=[*outputs, last_key], api_name="submit_ranking"
     )
-    skip.click(skip_task, inputs=[key], outputs=tab.task_outputs(), api_name="skip_ranking")
-    undo.click(
-        undo_ranking, inputs=[last_key], outputs=[*tab.task_outputs(), last_key], api_name="undo_ranking"
-    )
+    skip.click(skip_task, inputs=[key], outputs=outputs, api_name="skip_ranking")
+    undo.click(undo_ranking, inputs=[last_key], outputs=[*outputs, last_key], api_name="undo_ranking")
     return tab
 
 
-def next_task(settings: AppSettings, request: gr.Request) -> list:
-    user = current_user(settings, request)
-    return task_view(tasks.lease(settings.db, user.name, "rank", lease_seconds=settings.lease_seconds), "")
+def parse_answer(answer_json: str) -> tuple[list[int | None], list[list[str]]]:
+    """The answer field's tiers and flags, by slot; anything malformed is the page's fault, said plainly."""
+    try:
+        answer = json.loads(answer_json or "{}")
+        tiers = [None if tier is None else int(tier) for tier in answer["tiers"]]
+        flags = [[str(flag) for flag in slot] for slot in answer["flags"]]
+    except (ValueError, TypeError, KeyError):
+        raise LabelError("the page sent no readable ranking: reload it and rank the task again") from None
+    return tiers, flags
 
 
 def on_load(app: gr.Blocks, tab: RankTab, settings: AppSettings) -> None:
-    def load_task(request: gr.Request):
-        return next_task(settings, request)
+    def next_ranking(request: gr.Request):
+        user = current_user(settings, request)
+        return task_view(
+            tasks.lease(settings.db, user.name, "rank", lease_seconds=settings.lease_seconds), ""
+        )
 
-    app.load(load_task, outputs=tab.task_outputs(), api_name="next_ranking")
+    app.load(next_ranking, outputs=tab.task_outputs(), api_name="next_ranking")
 
 
 def task_view(lease: Lease | None, message: str) -> list:
-    """Updates for RankTab.task_outputs(): the task in the annotator's order, or an empty queue."""
+    """Values for RankTab.task_outputs(): the task in this annotator's order, or word of an empty queue."""
     if lease is None:
-        hidden = [gr.Group(visible=False)] * MAX_K
-        return [
-            f"{message}**No ranking task left for you.** Check back later, or write demonstrations meanwhile.",
-            "",
-            *hidden,
-            *[""] * MAX_K,
-            *[gr.Radio(value=None)] * MAX_K,
-            *[gr.CheckboxGroup(value=[])] * MAX_K,
-            "",
-            "",
-            0,
-        ]
+        status = (
+            f"{message}**No ranking task left for you.** Check back later, or write demonstrations meanwhile."
+        )
+        return [status, "", "", "", ""]
     k = len(lease.shown)
     previous = lease.previous or {"tiers": [None] * k, "flags": [[] for _ in range(k)], "note": ""}
-    choices = [str(t) for t in range(1, k + 1)]
-    return [
-        f"{message}Task {lease.task_id} · {k} responses: place each in a tier, 1 is best; equal tiers are ties.",
-        chat_html(lease.prompt),
-        *[gr.Group(visible=i < k) for i in range(MAX_K)],
-        *[completion_html(SLOT_NAMES[i], lease.shown[i]) if i < k else "" for i in range(MAX_K)],
-        *[
-            gr.Radio(
-                choices=choices if i < k else TIER_CHOICES,
-                value=str(previous["tiers"][i]) if i < k and previous["tiers"][i] else None,
-            )
-            for i in range(MAX_K)
-        ],
-        *[gr.CheckboxGroup(value=previous["flags"][i] if i < k else []) for i in range(MAX_K)],
-        previous["note"],
-        lease.key,
-        k,
-    ]
+    status = f"{message}Task {lease.task_id} · {k} responses: place each in a tier, 1 is best; equal tiers are ties."
+    html = ranking_html(
+        lease.task_id,
+        lease.prompt,
+        lease.shown,
+        FLAGS,
+        tiers=previous["tiers"],
+        chosen_flags=previous["flags"],
+    )
+    answer = json.dumps({"tiers": previous["tiers"], "flags": previous["flags"]})
+    return [status, html, answer, previous["note"], lease.key]

@@ -14,6 +14,7 @@ import html
 from collections.abc import Sequence
 
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+SLOT_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TEMPLATE_CHARACTERS = str.maketrans({"$": "&#36;", "{": "&#123;", "}": "&#125;", "`": "&#96;"})
 
 
@@ -34,9 +35,43 @@ def chat_html(messages: Sequence[dict], *, empty: str = "") -> str:
     return f'<div class="chat">{turns}</div>'
 
 
-def completion_html(slot: str, text: str) -> str:
-    """One completion to rank, headed by its slot letter."""
+def ranking_html(
+    task_id: int,
+    prompt: Sequence[dict],
+    completions: Sequence[str],
+    flags: Sequence[str],
+    *,
+    tiers: Sequence[int | None] | None = None,
+    chosen_flags: Sequence[Sequence[str]] | None = None,
+) -> str:
+    """A ranking task: the prompt as a chat, then one slot per completion with tier radios and flag boxes.
+
+    The controls are plain form inputs; keyboard.js reads them into the tab's answer field. `tiers` and
+    `chosen_flags` (by slot) pre-select a previous answer.
+    """
+    k = len(completions)
+    tiers = tiers or [None] * k
+    chosen_flags = chosen_flags or [[] for _ in range(k)]
+    slots = []
+    for slot, text in enumerate(completions):
+        letter = SLOT_LETTERS[slot]
+        radios = "".join(
+            f'<label><input type="radio" name="tier-{task_id}-{slot}" value="{tier}"'
+            f"{' checked' if tiers[slot] == tier else ''}><span>{tier}</span></label>"
+            for tier in range(1, k + 1)
+        )
+        boxes = "".join(
+            f'<label><input type="checkbox" value="{escape_text(flag)}"'
+            f"{' checked' if flag in chosen_flags[slot] else ''}><span>{escape_text(flag)}</span></label>"
+            for flag in flags
+        )
+        slots.append(
+            f'<section class="rank-slot" data-slot="{slot}"><div class="completion">'
+            f'<div class="slot">Response {letter}</div><div class="text">{escape_text(text)}</div></div>'
+            f'<div class="rank-controls"><fieldset class="tiers"><legend>Tier for {letter} (1 = best)</legend>'
+            f'<div class="choices">{radios}</div></fieldset><fieldset class="flags"><legend>Flags</legend>'
+            f'<div class="choices">{boxes}</div></fieldset></div></section>'
+        )
     return (
-        f'<div class="completion"><div class="slot">Response {escape_text(slot)}</div>'
-        f'<div class="text">{escape_text(text)}</div></div>'
+        f'<div class="rank-task" data-task="{task_id}" data-k="{k}">{chat_html(prompt)}{"".join(slots)}</div>'
     )
