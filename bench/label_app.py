@@ -8,10 +8,10 @@ annotator "reads" for a random think time (`--think MIN MAX` seconds; 0 0 is the
 submitting back to back).
 
 The peer, in the same run: a Gradio app whose only event returns its input (same queue settings),
-called the same way by twenty clients. Its latency is the floor of Gradio and gradio_client themselves
+called the same way by twenty logged-in clients. Its latency is the floor of Gradio and gradio_client themselves
 (gradio_client polls for results every 50 ms); the ratio says what the app adds on top.
 
-    .venv/bin/python bench/label_app.py                       # think 1-3 s, 15 submits each
+    .venv/bin/python bench/label_app.py                       # think 1-3 s, 2 rounds of 10 submits each
     .venv/bin/python bench/label_app.py --think 0 0           # everyone submitting back to back
 
 Prints median and p95 of both, then `p95 ratio: <app / echo>`.
@@ -49,7 +49,7 @@ with gr.Blocks() as app:
     box = gr.Textbox()
     gr.Button().click(lambda *values: values, [box] * 20, [box] * 20, api_name="echo")
 app.queue(default_concurrency_limit=DB_CONCURRENCY)
-app.launch(server_port=int(sys.argv[1]), ssr_mode=False, quiet=True)
+app.launch(server_port=int(sys.argv[1]), ssr_mode=False, quiet=True, auth=lambda user, password: True)
 """
 
 
@@ -69,6 +69,12 @@ def wait_for(port: int, process: subprocess.Popen, timeout: float = 120) -> None
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listening on port {port}")
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """User + system CPU time a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -124,7 +130,8 @@ def echo(client, _state):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--think", nargs=2, type=float, default=[1.0, 3.0], metavar=("MIN", "MAX"))
-    parser.add_argument("--submits", type=int, default=15, help="timed submits per annotator")
+    parser.add_argument("--submits", type=int, default=10, help="timed submits per annotator and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each; the order alternates (ABBA)")
     args = parser.parse_args()
     env = os.environ | {"PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
 
@@ -134,7 +141,7 @@ def main() -> None:
         for i in range(ANNOTATORS):
             add_user(db, f"a{i:02d}", "annotator", f"password-{i:02d}")
         groups = load_records(REPO / "data" / "demo" / "comparisons.jsonl", "comparison").records
-        wanted = ANNOTATORS * (args.submits + 2)
+        wanted = ANNOTATORS * (args.rounds * (args.submits + 1) + 1)
         add_tasks(
             db,
             [
@@ -155,8 +162,18 @@ def main() -> None:
         try:
             wait_for(port, app)
             wait_for(echo_port, peer)
-            ours = run_clients(f"http://127.0.0.1:{port}", rank_next, args.submits, tuple(args.think))
-            floor = run_clients(f"http://127.0.0.1:{echo_port}", echo, args.submits, tuple(args.think))
+            ours, floor, cpu = [], [], {"app": 0.0, "echo": 0.0}
+            for round_ in range(args.rounds):
+                sides = [("app", port, rank_next, ours), ("echo", echo_port, echo, floor)]
+                for name, side_port, work, times in sides if round_ % 2 == 0 else sides[::-1]:
+                    server = app if name == "app" else peer
+                    before = cpu_seconds(server)
+                    times += run_clients(
+                        f"http://127.0.0.1:{side_port}", work, args.submits, tuple(args.think)
+                    )
+                    cpu[name] += cpu_seconds(server) - before
+            # Server CPU per timed call, logins and first tasks included: what one submit costs the server.
+            server_cpu = [cpu["app"] / len(ours) * 1000, cpu["echo"] / len(floor) * 1000]
         finally:
             app.terminate()
             peer.terminate()
@@ -167,11 +184,12 @@ def main() -> None:
         median, p95 = statistics.median(values) * 1000, percentile(values, 95) * 1000
         return f"{name:<34} n={len(values):<4} median {median:6.1f} ms   p95 {p95:6.1f} ms"
 
+    think = f"{args.think[0]:g}-{args.think[1]:g} s"
     print(
-        f"{ANNOTATORS} annotators, think {args.think[0]:g}-{args.think[1]:g} s, {args.submits} submits each"
+        f"{ANNOTATORS} annotators, think {think}, {args.rounds} rounds of {args.submits} submits each per side"
     )
-    print(line("submit -> next task (the app)", ours))
-    print(line("echo (Gradio + gradio_client)", floor))
+    print(line("submit -> next task (the app)", ours) + f"   server CPU {server_cpu[0]:.1f} ms/call")
+    print(line("echo (Gradio + gradio_client)", floor) + f"   server CPU {server_cpu[1]:.1f} ms/call")
     print(json.dumps({"median_ms": statistics.median(ours) * 1000, "p95_ms": percentile(ours, 95) * 1000}))
     print(f"p95 ratio: {percentile(ours, 95) / percentile(floor, 95):.2f}")
 

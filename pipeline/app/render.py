@@ -13,8 +13,9 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from pipeline.app.tasks import SLOT_NAMES
+
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-SLOT_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TEMPLATE_CHARACTERS = str.maketrans({"$": "&#36;", "{": "&#123;", "}": "&#125;", "`": "&#96;"})
 
 
@@ -54,7 +55,7 @@ def ranking_html(
     chosen_flags = chosen_flags or [[] for _ in range(k)]
     slots = []
     for slot, text in enumerate(completions):
-        letter = SLOT_LETTERS[slot]
+        letter = SLOT_NAMES[slot]
         radios = "".join(
             f'<label><input type="radio" name="tier-{task_id}-{slot}" value="{tier}"'
             f"{' checked' if tiers[slot] == tier else ''}><span>{tier}</span></label>"
