@@ -36,7 +36,7 @@ playwright_api = pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from pipeline.app.server import AppSettings
+    from pipeline.app.session import AppSettings
     from pipeline.store import ArtifactStore
 
     folder = tmp_path_factory.mktemp("browser_app")

@@ -16,7 +16,7 @@ PROMPT = [{"role": "user", "content": "Pick a number."}]
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from pipeline.app.server import AppSettings
+    from pipeline.app.session import AppSettings
     from pipeline.store import ArtifactStore
 
     folder = tmp_path_factory.mktemp("client_app")

@@ -31,7 +31,8 @@ def handler(app, api_name: str):
 def test_labels_from_the_app_train_the_reward_model_with_lineage(tmp_path, store, tiny_model_dir, capsys):
     import gradio as gr
 
-    from pipeline.app.server import AppSettings, build_app
+    from pipeline.app.server import build_app
+    from pipeline.app.session import AppSettings
 
     sft = store.publish("sft", tiny_model_dir, config={"test": True})
     prompts = tmp_path / "prompts.jsonl"
@@ -95,7 +96,8 @@ def test_labels_from_the_app_train_the_reward_model_with_lineage(tmp_path, store
 def test_suggest_streams_a_draft_that_the_demonstration_records(tmp_path, store, tiny_model_dir):
     import gradio as gr
 
-    from pipeline.app.server import AppSettings, build_app
+    from pipeline.app.server import build_app
+    from pipeline.app.session import AppSettings
 
     sft = store.publish("sft", tiny_model_dir, config={"test": True})
     db = open_db(tmp_path / "labels.db")

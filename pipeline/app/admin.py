@@ -15,7 +15,7 @@ from pipeline.app.agreement import agreement_summary
 from pipeline.app.db import LabelError
 from pipeline.app.export import export_labels
 from pipeline.app.progress import COUNT_COLUMNS, COUNT_HEADERS, LABEL_COLUMNS
-from pipeline.app.server import AppSettings, current_user, shown_as_error
+from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.users import User, list_users, set_password
 
 QUEUE_COLUMNS = ["kind", "tasks", "waiting", "in_progress", "done", "labels", "labels_wanted"]

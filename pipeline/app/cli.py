@@ -184,7 +184,8 @@ def app_main(argv: list[str]) -> int:
     parser.add_argument("--top_p", "--top-p", type=float, default=0.9, help="suggestion nucleus sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the suggestions' draws")
     args = parser.parse_args(argv)
-    from pipeline.app.server import AppSettings, launch
+    from pipeline.app.server import launch
+    from pipeline.app.session import AppSettings
 
     settings = AppSettings(
         db=database(args),

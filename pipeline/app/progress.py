@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipeline.app import reports
-from pipeline.app.server import AppSettings, current_user
+from pipeline.app.session import AppSettings, current_user
 
 # Row keys from pipeline.app.reports, and the column headers they are shown under.
 COUNT_COLUMNS = [

@@ -24,7 +24,7 @@ import gradio as gr
 from pipeline.app import tasks
 from pipeline.app.db import LabelError
 from pipeline.app.render import ranking_html
-from pipeline.app.server import AppSettings, current_user, shown_as_error
+from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.tasks import FLAGS, Lease
 
 SHORTCUTS = """**Keyboard:** `↑` `↓` (or `←` `→`) move between responses ·

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -25,7 +26,7 @@ import gradio as gr
 from pipeline.app import tasks
 from pipeline.app.db import LabelError
 from pipeline.app.render import chat_html
-from pipeline.app.server import AppSettings, current_user, shown_as_error
+from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.suggest import Suggester
 
 FREE, QUEUED, PROMPT = "Free dialogue", "Queued prompt", "Prompt only"
@@ -40,8 +41,6 @@ class Draft:
     """The submission key: the writing task's lease key, or a fresh one for a free dialogue or prompt."""
     messages: list[dict] = field(default_factory=list)
     """Turns added so far, the queued prompt first (without the system message)."""
-    fixed: int = 0
-    """How many of `messages` came with the task."""
     started: float = field(default_factory=time.time)
     suggested_by: list[str] = field(default_factory=list)
     empty_queue: bool = False
@@ -53,14 +52,14 @@ def new_draft(settings: AppSettings, user: str, mode: str) -> Draft:
     lease = tasks.lease(settings.db, user, "write", lease_seconds=settings.lease_seconds)
     if lease is None:
         return Draft(mode, "", empty_queue=True)
-    return Draft(mode, lease.key, list(lease.prompt), fixed=len(lease.prompt), started=lease.issued)
+    return Draft(mode, lease.key, list(lease.prompt), started=lease.issued)
 
 
 @dataclass
 class WriteTab:
     mode: gr.Radio
     outputs: list
-    start: object
+    start: Callable[..., list]
     """The handler that opens a new draft for the chosen mode."""
 
 
@@ -111,11 +110,11 @@ def build(settings: AppSettings) -> WriteTab:
             draft,
             draft.key,
             message,
-            gr.Textbox(visible=draft.mode != QUEUED),
+            gr.update(visible=draft.mode != QUEUED),
             chat_html(draft.messages, empty="No turns yet."),
             "",
-            gr.Textbox(value="", visible=draft.mode != PROMPT),
-            gr.Button(visible=draft.mode != PROMPT),
+            gr.update(value="", visible=draft.mode != PROMPT),
+            gr.update(visible=draft.mode != PROMPT),
         ]
 
     def start(request: gr.Request, chosen: str):
