@@ -2,9 +2,9 @@
 
 On a tiny random model: prompts are imported, `rlhf label generate` samples K = 3 completions per
 prompt from an `sft` checkpoint, two annotators rank them through the app's own event handlers (the
-functions the Rank tab's buttons call), `rlhf label export` publishes a labels artifact, and the reward
-stage trains on `labels:latest`. The reward artifact's lineage names the labels artifact, whose
-lineage names the checkpoint that generated the completions.
+functions the Rank tab's buttons call) and one writes two demonstrations, `rlhf label export` publishes a
+labels artifact, and the reward stage and SFT train on `labels:latest`. The reward artifact's lineage
+names the labels artifact, whose lineage names the checkpoint that generated the completions.
 """
 
 from __future__ import annotations
@@ -59,7 +59,22 @@ def test_labels_from_the_app_train_the_reward_model_with_lineage(tmp_path, store
             answer = json.dumps({"tiers": tiers, "flags": [[] for _ in range(k)]})
             *shown, undo_key = submit(request, key, answer, "")
             assert undo_key == key
+    # Alice writes the reply to the first imported prompt, then a dialogue of her own.
+    alice, start, write = (
+        gr.Request(username="alice"),
+        handler(app, "start_writing"),
+        handler(app, "submit_dialogue"),
+    )
+    draft, key, *_ = start(alice, "Queued prompt")
+    assert draft.messages == [json.loads(lines[0])["prompt"][0]]
+    write(alice, key, draft, "", "", "Here is how.")
+    draft, key, *_ = start(alice, "Free dialogue")
+    write(alice, key, draft, "", "What is 2 + 2?", "4.")
     conn = sqlite3.connect(db.path)
+    assert conn.execute("SELECT task_id FROM labels WHERE kind = 'demonstration'").fetchall() == [
+        (1,),
+        (None,),
+    ]
     assert conn.execute("SELECT COUNT(*) FROM live_labels WHERE kind = 'ranking'").fetchone() == (
         2 * PROMPTS,
     )
@@ -91,6 +106,24 @@ def test_labels_from_the_app_train_the_reward_model_with_lineage(tmp_path, store
     generated_by = [item for item in data["inputs"] if item.get("role") == "completions"]
     assert [item["id"] for item in generated_by] == [sft.id]
     assert reward.manifest["config"]["data"] == str(store.local_path(labels) / "comparisons.jsonl")
+
+    # Stage 1 reads the same artifact's demonstrations.
+    sft_args = [
+        "sft",
+        "--config",
+        str(REPO / "configs" / "sft-tiny-test.yaml"),
+        "--model",
+        str(tiny_model_dir),
+    ]
+    assert (
+        main([*sft_args, "--data", "labels:latest", "--max_steps", "1", "--output_dir", str(tmp_path), *at])
+        == 0
+    )
+    trained = store.list("sft")[-1]
+    assert trained.metrics["train_conversations"] + trained.metrics["eval_conversations"] == 2
+    assert {"artifact": labels.id, "file": "conversations.jsonl"}.items() <= trained.manifest["inputs"][
+        1
+    ].items()
 
 
 def test_suggest_streams_a_draft_that_the_demonstration_records(tmp_path, store, tiny_model_dir):

@@ -141,5 +141,5 @@ def on_load(app: gr.Blocks, block: gr.Tab, view: AdminView, settings: AppSetting
         user = current_user(settings, request)
         return show(settings, request) if user.is_admin else [gr.skip()] * len(view.outputs())
 
-    app.load(load, outputs=view.outputs(), api_name=False)
-    block.select(load, outputs=view.outputs(), api_name=False)
+    app.load(load, outputs=view.outputs(), api_visibility="private")
+    block.select(load, outputs=view.outputs(), api_visibility="private")

@@ -82,5 +82,5 @@ def on_load(app: gr.Blocks, block: gr.Tab, tab: ProgressTab, settings: AppSettin
     def load(request: gr.Request):
         return show(settings, request)
 
-    app.load(load, outputs=tab.outputs(), api_name=False)
-    block.select(load, outputs=tab.outputs(), api_name=False)
+    app.load(load, outputs=tab.outputs(), api_visibility="private")
+    block.select(load, outputs=tab.outputs(), api_visibility="private")

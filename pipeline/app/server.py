@@ -46,7 +46,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 gr.Tab(visible=user.is_admin),
             )
 
-        app.load(greet, outputs=[whoami, admin_tab], api_name=False)
+        app.load(greet, outputs=[whoami, admin_tab], api_visibility="private")
         rank.on_load(app, rank_tab, settings)
         write.on_load(app, write_tab)
         progress.on_load(app, progress_block, progress_tab, settings)

@@ -167,8 +167,13 @@ def build(settings: AppSettings) -> WriteTab:
         yield text, draft
 
     mode.change(start, inputs=[mode], outputs=view_outputs, api_name="start_writing")
-    restart.click(start, inputs=[mode], outputs=view_outputs, api_name=False)
-    add.click(add_turn, inputs=[draft_state, user_box, assistant_box], outputs=view_outputs, api_name=False)
+    restart.click(start, inputs=[mode], outputs=view_outputs, api_visibility="private")
+    add.click(
+        add_turn,
+        inputs=[draft_state, user_box, assistant_box],
+        outputs=view_outputs,
+        api_visibility="private",
+    )
     submit.click(
         submit_dialogue,
         inputs=[key, draft_state, system, user_box, assistant_box],
@@ -186,7 +191,7 @@ def build(settings: AppSettings) -> WriteTab:
 
 
 def on_load(app: gr.Blocks, tab: WriteTab) -> None:
-    app.load(tab.start, inputs=[tab.mode], outputs=tab.outputs, api_name=False)
+    app.load(tab.start, inputs=[tab.mode], outputs=tab.outputs, api_visibility="private")
 
 
 def dialogue_with(draft: Draft, system_text: str, user_text: str, reply: str) -> list[dict]:
