@@ -88,3 +88,20 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not any(Path(tmp_path / "store").glob("labels-*"))
+
+
+def test_artifacts_rm_keeps_what_the_label_database_refers_to(tmp_path, store, capsys):
+    from pipeline.app.tasks import Completion, NewTask, add_tasks
+
+    payload = tmp_path / "weights"
+    payload.mkdir()
+    (payload / "model.bin").write_bytes(b"0")
+    kept, free = store.publish("sft", payload, config={}), store.publish("sft", payload, config={})
+    db = open_db(Path(store.root) / "labels.db")
+    prompt = [{"role": "user", "content": "Hi?"}]
+    add_tasks(db, [NewTask("rank", prompt, "t", [Completion(text, "sft", kept.id) for text in ("a", "b")])])
+    assert main(["artifacts", "rm", kept.id, "--store", str(store.root)]) == 2
+    err = capsys.readouterr().err
+    assert "label database" in err and "generated 2 completions in 1 ranking tasks" in err
+    assert main(["artifacts", "rm", free.id, "--store", str(store.root)]) == 0
+    assert [a.id for a in store.list()] == [kept.id]
