@@ -40,7 +40,7 @@ from pipeline.app.tasks import Completion, NewTask, add_tasks  # noqa: E402
 from pipeline.app.users import add_user  # noqa: E402
 from pipeline.datasets import load_records  # noqa: E402
 
-ANNOTATORS = 20
+ANNOTATORS = 20  # the issue's figure; --annotators 1 gives the floor without contention
 ECHO_APP = """
 import sys
 import gradio as gr
@@ -82,13 +82,13 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run_clients(url: str, work, submits: int, think: tuple[float, float]) -> list[float]:
-    """Twenty threads, each its own client, each timing `submits` calls of `work(client, state)`."""
+def run_clients(url: str, work, submits: int, think: tuple[float, float], annotators: int) -> list[float]:
+    """One thread per annotator, each its own client, each timing `submits` calls of `work(client, state)`."""
     from gradio_client import Client
 
     latencies: list[float] = []
     lock = threading.Lock()
-    start = threading.Barrier(ANNOTATORS)
+    start = threading.Barrier(annotators)
 
     def annotator(i: int) -> None:
         rng = random.Random(i)
@@ -104,7 +104,7 @@ def run_clients(url: str, work, submits: int, think: tuple[float, float]) -> lis
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=annotator, args=(i,)) for i in range(ANNOTATORS)]
+    threads = [threading.Thread(target=annotator, args=(i,)) for i in range(annotators)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -132,16 +132,17 @@ def main() -> None:
     parser.add_argument("--think", nargs=2, type=float, default=[1.0, 3.0], metavar=("MIN", "MAX"))
     parser.add_argument("--submits", type=int, default=10, help="timed submits per annotator and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each; the order alternates (ABBA)")
+    parser.add_argument("--annotators", type=int, default=ANNOTATORS, help="simulated annotators at once")
     args = parser.parse_args()
     env = os.environ | {"PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         db = open_db(store / "labels.db", app_version="bench")
-        for i in range(ANNOTATORS):
+        for i in range(args.annotators):
             add_user(db, f"a{i:02d}", "annotator", f"password-{i:02d}")
         groups = load_records(REPO / "data" / "demo" / "comparisons.jsonl", "comparison").records
-        wanted = ANNOTATORS * (args.rounds * (args.submits + 1) + 1)
+        wanted = args.annotators * (args.rounds * (args.submits + 1) + 1)
         add_tasks(
             db,
             [
@@ -168,9 +169,8 @@ def main() -> None:
                 for name, side_port, work, times in sides if round_ % 2 == 0 else sides[::-1]:
                     server = app if name == "app" else peer
                     before = cpu_seconds(server)
-                    times += run_clients(
-                        f"http://127.0.0.1:{side_port}", work, args.submits, tuple(args.think)
-                    )
+                    url = f"http://127.0.0.1:{side_port}"
+                    times += run_clients(url, work, args.submits, tuple(args.think), args.annotators)
                     cpu[name] += cpu_seconds(server) - before
             # Server CPU per timed call, logins and first tasks included: what one submit costs the server.
             server_cpu = [cpu["app"] / len(ours) * 1000, cpu["echo"] / len(floor) * 1000]
@@ -186,7 +186,7 @@ def main() -> None:
 
     think = f"{args.think[0]:g}-{args.think[1]:g} s"
     print(
-        f"{ANNOTATORS} annotators, think {think}, {args.rounds} rounds of {args.submits} submits each per side"
+        f"{args.annotators} annotators, think {think}, {args.rounds} rounds of {args.submits} submits each per side"
     )
     print(line("submit -> next task (the app)", ours) + f"   server CPU {server_cpu[0]:.1f} ms/call")
     print(line("echo (Gradio + gradio_client)", floor) + f"   server CPU {server_cpu[1]:.1f} ms/call")
