@@ -8,9 +8,11 @@ rlhf ppo report REF                              did it help: eval curves, proxy
 rlhf artifacts ls [--store ROOT] [--stage S]     published artifacts
 rlhf artifacts show REF [--store ROOT]           one artifact: lineage, metrics, config
 rlhf artifacts export REF --out DIR [--adapter --base NAME]   a standalone Hugging Face folder
-rlhf artifacts rm REF [--with-dependants] [--with-runs] [--dry-run]
+rlhf artifacts rm REF [--with-dependants] [--with-runs] [--dry-run] [--db PATH]
 rlhf artifacts gc [--keep-days N] [--with-runs] [--dry-run]   old artifacts, checkpoints, unfinished folders
 rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
+rlhf label users|import|generate|status|export   the label database (`rlhf label --help`)
+rlhf app [--host H] [--port P]                   the labelling app, login required
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
-from pipeline.store import default_store_root
+from pipeline.store import default_store_root, is_url
 
 # Each stage module exposes `Config` (a dataclass with a `store` field) and `run(cfg, store) -> Artifact`.
 STAGE_MODULES = {
@@ -54,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return artifacts_command(rest)
         if command == "data":
             return data_command(rest)
+        if command in ("label", "app"):
+            from pipeline.app import cli as app_cli
+
+            return app_cli.label_main(rest) if command == "label" else app_cli.app_main(rest)
         raise UsageError(f"unknown command {command!r}; run `rlhf --help` for the list")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -67,11 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def is_user_error(err: Exception) -> bool:
     """Errors our own code raises with a message meant for the user (bad config, data, reference)."""
+    from pipeline.app.db import LabelError
     from pipeline.datasets import DataError
     from pipeline.models import ModelError
     from pipeline.store import StoreError
 
-    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError))
+    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError, LabelError))
 
 
 def run_stage(name: str, argv: list[str]) -> int:
@@ -122,6 +130,9 @@ def artifacts_command(argv: list[str]) -> int:
         )
         command.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
         command.add_argument("--store", default=DEFAULT_STORE)
+        command.add_argument(
+            "--db", help="label database whose artifacts to keep (default: labels.db in the store)"
+        )
     args = parser.parse_args(argv)
     store = ArtifactStore(args.store)
     if args.action == "ls":
@@ -141,7 +152,7 @@ def artifacts_command(argv: list[str]) -> int:
 def cleanup_command(args: argparse.Namespace, store) -> int:
     from pipeline.cleanup import execute, plan_gc, plan_rm, render_plan
 
-    references = label_references(args.store)
+    references = label_references(args.store, args.db)
     if args.action == "rm":
         plan = plan_rm(
             store,
@@ -158,13 +169,17 @@ def cleanup_command(args: argparse.Namespace, store) -> int:
     return 0
 
 
-def label_references(store_root: str) -> dict[str, list[str]]:
-    """Artifact id -> what in the label database needs it (generated completions, arena models).
+def label_references(store_root: str, db: str | None) -> dict[str, list[str]]:
+    """Artifact id -> what in the label database needs it (generated completions, arena models)."""
+    from pipeline.app.db import artifact_references, default_db_path
 
-    The label database (pipeline/app/db.py) is not part of this checkout yet; when it lands this returns
-    `artifact_references(default_db_path(store_root))` from it, and rm/gc refuse what it names.
-    """
-    return {}
+    if db is None and is_url(store_root):
+        print(
+            "note: no label database checked (pass --db PATH to keep the artifacts it refers to)",
+            file=sys.stderr,
+        )
+        return {}
+    return artifact_references(Path(db) if db else default_db_path(store_root))
 
 
 def data_command(argv: list[str]) -> int:

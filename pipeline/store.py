@@ -281,8 +281,9 @@ class ArtifactStore:
                 continue
             try:
                 manifest = load_manifest(self.fs, f"{self._path(artifact_id)}/{MANIFEST}")
-            except FileNotFoundError:
-                continue  # a publish in progress, or one that was killed before its manifest
+            except (FileNotFoundError, NotADirectoryError):
+                # A publish in progress, one killed before its manifest, or a plain file (the label database).
+                continue
             if stage is None or manifest.get("stage") == stage:
                 found.append(self._artifact(artifact_id, manifest))
         return sorted(found, key=lambda a: (a.manifest.get("created", ""), a.id))

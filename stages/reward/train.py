@@ -18,7 +18,7 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from pipeline.chat import tokenize_completion
 from pipeline.config import to_dict
+from pipeline.data_sources import data_file, data_input
 from pipeline.datasets import DataError, load_records
 from pipeline.model_card import write_model_card
 from pipeline.models import (
@@ -47,7 +48,7 @@ from pipeline.models import (
     write_card,
 )
 from pipeline.scoring import RewardScorer
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
+from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import flat_config, run_folder, tracker_names
 from stages.reward.groups import (
     Collator,
@@ -133,6 +134,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train the reward model and publish a `reward` artifact (main process); other processes return None."""
     accelerator = Accelerator(log_with=tracker_names(cfg.report_to) or None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
+    # Artifact references (`labels:latest`) become their payload files, once: read and recorded below.
+    data, eval_data = (data_file(path, "comparison", store) for path in (cfg.data, cfg.eval_data))
+    cfg = replace(cfg, data=data, eval_data=eval_data, normalise_on=data_file(cfg.normalise_on, "conversation", store))
     resolved = resolve_model(cfg.init, store)
     tokenizer = load_tokenizer(resolved.path)
     check_chat_template(resolved, tokenizer, cfg.init)
@@ -425,5 +429,5 @@ def publish(
 
 
 def fingerprint(path: str) -> dict[str, str]:
-    """A content hash for a local file; a Hub dataset is recorded by name."""
-    return dataset_fingerprint(path) if Path(path).is_file() else {"dataset": path}
+    """A content hash for a local file (naming its artifact if it lies in one); a Hub dataset by name."""
+    return data_input(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline.chat import tokenize_conversation
 from pipeline.config import ConfigError, to_dict
+from pipeline.data_sources import data_file, data_input
 from pipeline.datasets import load_records
 from pipeline.model_card import write_model_card
 from pipeline.models import (
@@ -39,7 +40,7 @@ from pipeline.models import (
     write_card,
 )
 from pipeline.packed_attention import use_packed_attention
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint, default_store_root
+from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import TrackerCallback, finish_trackers, run_folder, start_trackers, tracker_names
 
 IGNORE_INDEX = -100
@@ -211,6 +212,9 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Fine-tune `cfg.model` on `cfg.data` and publish an `sft` artifact (main process only)."""
     set_seed(cfg.seed)
+    # An artifact reference (`labels:latest`) becomes its conversations file, once: read and recorded below.
+    data, eval_data = (data_file(path, "conversation", store) for path in (cfg.data, cfg.eval_data))
+    cfg = replace(cfg, data=data, eval_data=eval_data)
     # Read and validate the data before spending time on the model: bad input fails in a second.
     loaded = load_records(cfg.data, "conversation", format=cfg.data_format, skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
@@ -264,9 +268,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
-    inputs = [source.lineage, dataset_fingerprint(cfg.data)]
+    inputs = [source.lineage, data_input(cfg.data)]
     if cfg.eval_data:
-        inputs.append(dataset_fingerprint(cfg.eval_data))
+        inputs.append(data_input(cfg.eval_data))
     model = trainer.accelerator.unwrap_model(trainer.model)
     return publish(model, tokenizer, cfg, store, inputs, metrics, source, run_dir)
 

@@ -1,0 +1,19 @@
+"""The labelling app (`rlhf app`) and `rlhf label ...`: people rank completions and write demonstrations.
+
+db.py        the SQLite label database: schema, transactions, where it lies, what it refers to
+users.py     users, roles and salted password hashes
+tasks.py     the task queue: leases, idempotent submissions, undo and discard
+imports.py   reading prompt and comparison files into tasks
+agreement.py agreement between annotators on the same task (pure functions)
+reports.py   progress and queue figures for the Progress and Admin tabs
+export.py    `rlhf label export`: the `labels` artifact the stages train on
+generate.py  `rlhf label generate`: sample K completions per prompt into ranking tasks
+server.py    the Gradio app: login, one tab per task type (rank.py, write.py, progress.py, admin.py)
+session.py   what the tabs share: the app's settings, who is asking, how a refusal is shown
+suggest.py   the Write tab's draft replies, streamed from a model
+render.py    conversations and ranking tasks as escaped HTML: model output is shown as text, never run
+keyboard.js  the Rank tab from the keyboard; style.css, guidelines.md
+cli.py       the `rlhf label` and `rlhf app` commands
+
+The app imports pipeline/ only; stages never read the database (they read the exported artifact).
+"""

@@ -1,0 +1,88 @@
+"""The Gradio app: one login, one `gr.Blocks`, one tab per task type; each tab is its own module.
+
+Login is Gradio's (`launch(auth=...)`), checked against the database's password hashes; who is asking
+is then `gr.Request.username` (session.py). Tabs: Rank (rank.py), Write (write.py), Progress (progress.py) and, for admins, Admin (admin.py).
+The chat, arena and runs tabs of issue 12 are further modules added to `build_app` the same way, with
+their tables in the same database.
+
+Concurrency: events that touch the database run on up to `DB_CONCURRENCY` threads (their writes queue
+on the database's lock and take a few milliseconds each); model suggestions run one at a time, since
+each uses every CPU core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import gradio as gr
+
+from pipeline.app import admin, progress, rank, write
+from pipeline.app.db import LabelError
+from pipeline.app.session import HERE, AppSettings, current_user
+from pipeline.app.users import list_users, verify_login
+
+DB_CONCURRENCY = 8
+
+
+def build_app(settings: AppSettings) -> gr.Blocks:
+    with gr.Blocks(title="RLHF labelling", analytics_enabled=False) as app:
+        with gr.Row(elem_id="header"):
+            gr.Markdown("### RLHF labelling", elem_id="title")
+            whoami = gr.Markdown(elem_id="whoami")
+        with gr.Tabs():
+            with gr.Tab("Rank", id="rank"):
+                rank_tab = rank.build(settings)
+            with gr.Tab("Write", id="write"):
+                write_tab = write.build(settings)
+            with gr.Tab("Progress", id="progress") as progress_block:
+                progress_tab = progress.build(settings)
+            with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
+                admin_view = admin.build(settings)
+
+        def greet(request: gr.Request):
+            user = current_user(settings, request)
+            return (
+                f"Signed in as **{user.name}** ({user.role}) · [Log out](logout)",
+                gr.Tab(visible=user.is_admin),
+            )
+
+        app.load(greet, outputs=[whoami, admin_tab], api_visibility="private")
+        rank.on_load(app, rank_tab, settings)
+        write.on_load(app, write_tab)
+        progress.on_load(app, progress_block, progress_tab, settings)
+        admin.on_load(app, admin_tab, admin_view, settings)
+    return app
+
+
+def login_check(settings: AppSettings):
+    """Gradio's auth callback: scrypt takes ~50 ms, so it runs off the server's event loop."""
+
+    async def check(username: str, password: str) -> bool:
+        return await asyncio.to_thread(verify_login, settings.db, username, password)
+
+    return check
+
+
+def launch(
+    settings: AppSettings, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True
+) -> gr.Blocks:
+    """Serve the app with login required; with block=False return at once (`.local_url`, `.close()`)."""
+    if not list_users(settings.db):
+        raise LabelError(
+            f"no users in {settings.db.path}: add one first with `rlhf label users add NAME --role admin`"
+        )
+    app = build_app(settings)
+    app.queue(default_concurrency_limit=DB_CONCURRENCY)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        auth=login_check(settings),
+        auth_message="Sign in with the account an admin made for you (`rlhf label users add`).",
+        prevent_thread_lock=not block,
+        ssr_mode=False,
+        quiet=not block,
+        footer_links=["api"],
+        css=(HERE / "style.css").read_text(encoding="utf-8"),
+        js=(HERE / "keyboard.js").read_text(encoding="utf-8"),
+    )
+    return app
