@@ -7,8 +7,10 @@ real chat model's at a fraction of the cost.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +27,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
-# trackio reads its folder when first imported: keep the tests' runs out of the home folder.
-os.environ.setdefault("TRACKIO_DIR", str(Path(tempfile.gettempdir()) / "rlhf-tests-trackio"))
+# trackio reads its folder when first imported: a fresh one per test session, so that the tracker tests
+# read back exactly this session's runs (a shared folder would hold every earlier session's runs of the
+# same name), and nothing lands in the home folder.
+TRACKIO_DIR = tempfile.mkdtemp(prefix="rlhf-tests-trackio-")
+atexit.register(shutil.rmtree, TRACKIO_DIR, ignore_errors=True)
+os.environ["TRACKIO_DIR"] = TRACKIO_DIR
 
 FIXED_TEXT = [
     "Hello! How can I help you today?",
