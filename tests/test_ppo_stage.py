@@ -403,3 +403,24 @@ def test_the_report_shows_curves_a_verdict_and_replies_side_by_side():
     assert any("Robin, wren, owl." in line and "Birds are animals" in line for line in lines)
     assert any("PPO  proxy +1.25  judge -0.50" in line for line in lines)
     assert render([{"step": 1, "score": 0.1}], [], pairs_per_set=1, width=80).startswith("no evaluation")
+
+
+def test_prompts_from_a_labels_artifact_are_read_and_named_in_the_lineage(store, published, tmp_path):
+    payload = tmp_path / "labels"
+    payload.mkdir()
+    (payload / "prompts.jsonl").write_text((DEMO_DATA / "prompts.jsonl").read_text())
+    labels = store.publish("labels", payload, config={}, meta={})
+    overrides = [
+        "--steps",
+        "1",
+        "--prompts",
+        "labels:latest",
+        "--eval_prompts",
+        "labels:latest",
+        "--eval_limit",
+        "2",
+    ]
+    artifact = run(load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides), store)
+    roles = {item["role"]: item for item in artifact.manifest["inputs"]}
+    assert roles["prompts"]["artifact"] == labels.id and roles["prompts"]["file"] == "prompts.jsonl"
+    assert roles["eval_prompts"]["artifact"] == labels.id

@@ -17,9 +17,10 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import to_dict
+from pipeline.data_sources import data_input
 from pipeline.model_card import write_model_card
 from pipeline.models import resolve_model, write_card
-from pipeline.store import Artifact, ArtifactStore, dataset_fingerprint
+from pipeline.store import Artifact, ArtifactStore
 from pipeline.tracking import log_samples, run_folder
 from stages.ppo.checkpoint import RunState
 from stages.ppo.config import Config
@@ -131,8 +132,7 @@ def publish(
             ]
             for path, role in datasets:
                 if path:
-                    fingerprint = dataset_fingerprint(path) if Path(path).is_file() else {"dataset": path}
-                    inputs.append(fingerprint | {"role": role})
+                    inputs.append(data_input(path) | {"role": role})
             meta = {
                 "adapter": cfg.lora.enabled,
                 "value_init": cfg.value_init,

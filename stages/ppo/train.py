@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
 from pipeline.config import to_dict
+from pipeline.data_sources import data_file
 from pipeline.datasets import load_records
 from pipeline.generation import SamplingSettings, Sequences, make_engine, position_ids
 from pipeline.models import ModelError, load_tokenizer, resolve_model
@@ -63,6 +64,7 @@ class TrainingDiverged(ValueError):
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     """Train with PPO and publish a `ppo` artifact (main process); other processes return None."""
+    cfg = with_data_files(cfg, store)
     acc = Accelerator(log_with=tracker_names(cfg.report_to) or None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     if cfg.batch_size % acc.num_processes or cfg.mini_batch_size % acc.num_processes:
@@ -460,6 +462,21 @@ def load_prompts(
     """Prompt records and their ids, cut to the last max_prompt_length tokens (the assistant header stays)."""
     records = load_records(source, "prompt", format=cfg.data_format, limit=limit).records
     return records, [prompt_ids(tokenizer, r["prompt"])[-cfg.max_prompt_length :] for r in records]
+
+
+def with_data_files(cfg: Config, store: ArtifactStore) -> Config:
+    """`cfg` with every data setting that names an artifact (`labels:latest`) resolved to its file, once."""
+    eval_prompts = cfg.eval_prompts
+    if isinstance(eval_prompts, dict):
+        eval_prompts = {name: data_file(source, "prompt", store) for name, source in eval_prompts.items()}
+    else:
+        eval_prompts = data_file(eval_prompts, "prompt", store)
+    return replace(
+        cfg,
+        prompts=data_file(cfg.prompts, "prompt", store),
+        eval_prompts=eval_prompts,
+        ptx_data=data_file(cfg.ptx_data, "conversation", store),
+    )
 
 
 def load_evaluation(
