@@ -26,7 +26,19 @@ def test_overrides_apply_types_and_nesting():
     from stages.sft.train import Config
 
     cfg = load_config(
-        Config, None, ["--learning_rate", "1e-3", "--lora.r=4", "--padding-free", "false", "--max_steps", "7"]
+        Config,
+        None,
+        [
+            "--data",
+            "x.jsonl",
+            "--learning_rate",
+            "1e-3",
+            "--lora.r=4",
+            "--padding-free",
+            "false",
+            "--max_steps",
+            "7",
+        ],
     )
     assert cfg.learning_rate == 1e-3 and cfg.lora.r == 4 and cfg.padding_free is False and cfg.max_steps == 7
 
@@ -47,7 +59,7 @@ def test_bad_values_name_the_key(values, message):
     with pytest.raises(
         ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
     ):
-        build(Config, values, "test.yaml")
+        build(Config, {"data": "x.jsonl"} | values, "test.yaml")
 
 
 def test_override_syntax_errors():

@@ -173,9 +173,10 @@ def tiny_config(tmp_path, model_dir, **overrides) -> Config:
         max_steps=80,
         eval_fraction=0.15,
         report_to="none",
-        warmup_ratio=0.0,
+        warmup_steps=0,
         lr_scheduler="constant",
-        logging_steps=50,
+        logging_every=50,
+        checkpoint_every=0,
         output_dir=str(tmp_path / "runs"),
     )
     values.update(overrides)

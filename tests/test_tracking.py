@@ -92,7 +92,8 @@ def test_tensorboard_and_trackio_get_the_same_metrics_under_the_same_names(
 ):
     artifact = getattr(artifact_chain, stage)
     run_dir = Path(artifact.meta["run_dir"])
-    assert run_dir.parent == artifact_chain.runs.resolve() and run_dir.name.startswith(f"{stage}-")
+    # The run folder is <output_dir>/<run_name>: sft, reward, ppo-tiny-test.
+    assert run_dir.parent == artifact_chain.runs.resolve() and run_dir.name.split("-")[0] == stage
     board = tensorboard_scalars(run_dir)
     tracked = trackio_scalars(run_dir.name)
     assert names <= set(board), sorted(board)
