@@ -25,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.store import default_store_root, is_url
 
 # Each stage module exposes `Config` (a dataclass with a `store` field) and `run(cfg, store) -> Artifact`.
@@ -37,7 +38,7 @@ STAGE_MODULES = {
 DEFAULT_STORE = default_store_root()
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command line that cannot be run as given."""
 
 
@@ -88,12 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def is_user_error(err: Exception) -> bool:
     """Errors our own code raises with a message meant for the user (bad config, data, reference)."""
-    from pipeline.app.db import LabelError
-    from pipeline.datasets import DataError
-    from pipeline.models import ModelError
-    from pipeline.store import StoreError
-
-    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError, LabelError))
+    return isinstance(err, UserError)
 
 
 def run_stage(name: str, argv: list[str]) -> int:

@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
 
 

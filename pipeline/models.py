@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from pipeline.chat import prepare_tokenizer
+from pipeline.errors import UserError
 from pipeline.model_card import write_model_card
 from pipeline.store import STAGING_PREFIX, ArtifactStore, StoreError, file_sha256
 
@@ -49,7 +50,7 @@ ARTIFACT_ID = re.compile(r"^[\w-]+-\d{8}-\d{6}-\d{6}-[0-9a-f]{4}$")
 """The shape of pipeline.store.new_artifact_id: a source like this names an artifact, never a Hub model."""
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model source that cannot be found or loaded, or a model a setting cannot use; the message names
     the fix."""
 
@@ -129,7 +130,10 @@ def resolve_model(source: str, store: ArtifactStore) -> ResolvedModel:
             str(Path(source).resolve()), {"model": str(Path(source).resolve())}, read_card(Path(source))
         )
     if Path(source).exists() or source.startswith((".", "/")):
-        raise ModelError(f"model source {source!r} is neither a model folder, a .gguf file nor an artifact")
+        raise ModelError(
+            f"model source {source!r} is neither a model folder, a .gguf file nor an artifact; check the path, "
+            "or name an artifact from `rlhf artifacts ls`"
+        )
     return ResolvedModel(source, {"model": source}, {})
 
 
