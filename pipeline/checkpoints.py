@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.processes import process_state
 
 PREFIX = "checkpoint-"
 STAGING = ".tmp-"
@@ -219,7 +219,7 @@ def saved_config(checkpoint: Path) -> dict[str, Any]:
 def start_or_resume(run_dir: Path, resume: str | None, config: dict[str, Any], *, force: bool) -> Path | None:
     """The checkpoint to resume from, its config checked against this run's; or None for a fresh start, after
     the main process moved an earlier run's checkpoints out of the run folder. Every process calls it."""
-    state = PartialState()
+    state = process_state()
     resume_from = resolve_resume(resume, run_dir)
     if resume_from is not None:
         changes = check_resume_config(saved_config(resume_from), config, force=force, checkpoint=resume_from)

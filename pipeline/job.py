@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate import PartialState
 
 from pipeline.checkpoints import run_altering
 from pipeline.config import ConfigError, build, parse_overrides, set_dotted, to_dict
+from pipeline.processes import process_state
 from pipeline.store import Artifact, ArtifactStore, default_store_root, file_sha256
 
 FINGERPRINT = "job_fingerprint"
@@ -103,7 +103,7 @@ def run_job(path: str, overrides: list[str], stage_modules: dict[str, str]) -> l
         cfg = build(module.Config, values, f"{path} ({stage})")
         results.append(run_stage(stage, module, cfg, store))
         produced[stage] = results[-1].artifact
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(render_table(results))
         print(f"\nopen the app on the result:  rlhf app --store {job.store}", flush=True)
     return results
@@ -193,7 +193,7 @@ def find(store: ArtifactStore, stage: str, digest: str) -> Artifact | None:
 
 
 def run_stage(stage: str, module, cfg, store: ArtifactStore) -> StageResult:
-    state = PartialState()
+    state = process_state()
     digest = fingerprint(stage, to_dict(cfg))
     started = time.perf_counter()
     existing = find(store, stage, digest)

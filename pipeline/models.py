@@ -14,6 +14,7 @@ needs nothing but the artifact.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import re
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -36,6 +36,7 @@ from transformers import (
 from pipeline.chat import prepare_tokenizer
 from pipeline.errors import UserError
 from pipeline.model_card import write_model_card
+from pipeline.processes import process_state
 from pipeline.store import STAGING_PREFIX, ArtifactStore, StoreError, file_sha256
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -154,7 +155,7 @@ def ensure_gguf_base(gguf: Path, store: ArtifactStore, *, name: str):
     artifact is published once.
     """
     digest = file_sha256(gguf)
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():
         found = [a for a in store.list("base") if a.meta.get("gguf_sha256") == digest]
         if found:
@@ -247,11 +248,27 @@ def load_reward_model(
         return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
     if base_source:
         # An SFT adapter: merge it into its causal LM, then put a score head on that trunk.
-        lm = load_causal_lm(resolved, store, dtype)
-        with tempfile.TemporaryDirectory() as tmp:
-            lm.save_pretrained(tmp)
-            return sequence_classifier(tmp, dtype)
+        return classifier_on(load_causal_lm(resolved, store, dtype), dtype)
     return sequence_classifier(resolved.path, dtype)
+
+
+def classifier_on(lm: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A one-output sequence classifier with `lm`'s trunk and a fresh score head, built in memory.
+
+    Saving `lm` to reload it as a classifier would not do under several processes: transformers writes files
+    from rank 0 only, and the other processes would find an empty folder.
+    """
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    missing, _ = classifier.load_state_dict(lm.state_dict(), strict=False)  # the LM head is left out
+    trunk = f"{classifier.base_model_prefix}."
+    if any(name.startswith(trunk) for name in missing):
+        raise ModelError(
+            f"cannot put a score head on this {config.model_type} model: its trunk weights are named unlike "
+            f"its classifier's (e.g. {sorted(missing)[0]}); train the reward model from a base model instead"
+        )
+    return classifier
 
 
 def sequence_classifier(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:

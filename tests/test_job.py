@@ -3,6 +3,9 @@
 One job is killed with SIGKILL inside the reward stage and started again: SFT is skipped (its artifact is
 there), the reward stage resumes from its checkpoint, PPO runs. Started once more, every stage is skipped;
 with one PPO setting changed, only PPO runs again. The lineage must join the artifacts of this job.
+
+The job also runs once under `accelerate launch` with two processes: the one launch of the suite that checks
+every stage on several processes.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+import torch
+import yaml
+from conftest import REPO, accelerate_launch, write_tiny_gguf
+from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoints
 from pipeline.cli import main
@@ -77,6 +84,62 @@ def test_a_killed_job_continues_and_a_finished_one_is_skipped(tmp_path, tiny_mod
     assert (
         inputs_by_role(second) == inputs_by_role(first) and second.manifest["config"]["learning_rate"] == 2e-4
     )
+
+
+def test_two_processes_on_an_empty_store_publish_each_artifact_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Two CPU processes run the whole job from a GGUF file (the embedded model's path) on an empty store. The
+    main process converts the file and the other waits and reuses its artifact; only the main process
+    publishes: one artifact of each kind, joined by their lineage. The SFT weights equal those of one process
+    taking both processes' batches at once, up to float32 rounding: the gradients are summed across processes in
+    another order, and four Adam steps carry that difference on."""
+    monkeypatch.chdir(REPO)
+    gguf = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    store = ArtifactStore(tmp_path / "store")
+    common = ["--store", str(store.root), "--output_dir", str(tmp_path / "runs")]
+    # Every weight trained (a LoRA factor's Adam step is +-lr wherever its gradient is still rounding noise), and
+    # no held-out split: with one, two processes drew their batches in another order than one process did
+    # (seen on transformers 5.24, not yet explained: the weights then differ by a few steps' worth).
+    sft_args = [
+        "--model",
+        str(gguf),
+        "--lora.enabled",
+        "false",
+        "--learning_rate",
+        "3e-3",
+        "--eval_fraction",
+        "0",
+    ]
+    two = accelerate_launch(
+        [
+            "run",
+            "--config",
+            str(JOB),
+            *common,
+            *(f"--sft.{a[2:]}" if a.startswith("--") else a for a in sft_args),
+        ]
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("open the app on the result") == 1
+    (base,), (sft,), (reward,), (ppo,) = (store.list(stage) for stage in ("base", "sft", "reward", "ppo"))
+    assert inputs_by_role(sft) == {"model": base.id} and inputs_by_role(reward) == {"model": sft.id}
+    assert inputs_by_role(ppo) == {"policy": sft.id, "reward": reward.id}
+
+    _, stages = load_job(str(JOB), [], ["sft"])
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(stages["sft"]))
+    per_process = stages["sft"]["batch_size"]
+    assert (
+        main(["sft", "--config", str(config), *common, *sft_args, "--batch_size", str(2 * per_process)]) == 0
+    )
+    (one,) = [a for a in store.list("sft") if a.id != sft.id]
+    assert len(store.list("base")) == 1
+    name = "model.safetensors"
+    ours, theirs = (load_file(str(Path(a.uri) / name)) for a in (sft, one))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(
+            ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch
+from conftest import REPO
 
 from pipeline.chat import tokenize_completion
 from pipeline.cli import main as cli_main
@@ -257,25 +257,6 @@ def test_policy_without_a_chat_template_is_refused(tmp_path, store, tiny_model_d
     ]
     assert cli_main(args) == 2
     assert "records no chat template" in capsys.readouterr().err
-
-
-def test_two_processes_publish_one_artifact(tmp_path, tiny_model_dir):
-    store = ArtifactStore(tmp_path / "store")
-    sft_id = publish_sft(store, tiny_model_dir)
-    data = write_jsonl(tmp_path / "c.jsonl", learnable_comparisons(40, seed=4))
-    demos = write_jsonl(
-        tmp_path / "d.jsonl",
-        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}] * 3,
-    )
-    result = accelerate_launch(
-        ["reward", "--config", str(CONFIG), "--store", str(store.root), "--model", sft_id, "--data", str(data),
-         "--normalise_on", str(demos), "--max_steps", "4", "--eval_every", "2"],
-        processes=2,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    (artifact,) = store.list("reward")
-    assert result.stdout.count("published ") == 1
-    assert artifact.metrics["steps"] == 4 and artifact.meta["reward_std"] >= 0
 
 
 def test_full_fine_tuning_with_plackett_luce_reloads_the_same(tmp_path, store, tiny_model_dir):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch
+from conftest import REPO
 
 from pipeline.chat import tokenize_completion, tokenize_conversation
 from pipeline.cli import main as cli_main
@@ -247,35 +247,6 @@ def test_cli_rejects_unknown_key_with_a_hint(tmp_path, capsys):
     )
     assert code == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
-
-
-def test_two_processes_publish_once_and_match_one_process(tmp_path, tiny_model_dir):
-    """Accelerate with 2 CPU processes: one artifact, and the weights of a 1-process run on the same batches."""
-    args = dict(
-        model=str(tiny_model_dir),
-        data=str(write_conversations(tmp_path / "conversations.jsonl", n=32)),
-        max_steps=4,
-        eval_fraction=0.0,
-        output_dir=str(tmp_path / "runs"),
-    )
-    common = ["--config", str(REPO / "configs" / "sft-tiny-test.yaml")]
-    for key, value in args.items():
-        common += [f"--{key}", str(value)]
-    two = accelerate_launch(["sft", *common, "--store", str(tmp_path / "two"), "--batch_size", "4"])
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("published sft-") == 1
-    assert two.stdout.count("  train_loss: ") == 1  # the headline metrics follow, printed once
-    assert cli_main(["sft", *common, "--store", str(tmp_path / "one"), "--batch_size", "8"]) == 0
-
-    from pipeline.store import ArtifactStore
-
-    results = []
-    for name in ("two", "one"):
-        store = ArtifactStore(tmp_path / name)
-        (artifact,) = store.list("sft")
-        results.append(load_causal_lm(resolve_model(artifact.id, store), store).state_dict())
-    for key, value in results[0].items():
-        torch.testing.assert_close(value, results[1][key], rtol=1e-4, atol=1e-5)
 
 
 def test_trainer_args_pass_through_to_trl_and_bad_keys_are_named(tmp_path, tiny_model_dir):

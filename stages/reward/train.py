@@ -180,6 +180,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     check_chat_template(resolved, tokenizer, cfg.model)
 
     train_groups, eval_groups, counts = load_groups(cfg, tokenizer)
+    set_seed(cfg.seed)  # the head and adapter are drawn from the global generator: not from what loading drew
     model = build_model(cfg, resolved, tokenizer, store, training_dtype(accelerator.device))
     scorer = RewardScorer(model)
     optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -257,7 +258,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         **stats,
     }
     artifact = publish(cfg, store, accelerator, scorer, tokenizer, resolved, metrics, stats, run_dir)
-    accelerator.end_training()
+    # Not accelerator.end_training(): that also destroys the process group, which `rlhf run`'s next stage needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return artifact
 
 

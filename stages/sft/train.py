@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, SchedulerType, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
@@ -41,6 +40,7 @@ from pipeline.models import (
     write_card,
 )
 from pipeline.packed_attention import use_packed_attention
+from pipeline.processes import process_state
 from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import TrackerCallback, finish_trackers, run_folder, start_trackers, tracker_names
 
@@ -252,7 +252,7 @@ class CheckpointMarks(TrainerCallback):
         self.config, self.keep = config, keep
 
     def on_save(self, args, state, control, **kwargs):
-        PartialState().wait_for_everyone()  # every process has written its RNG state into the folder
+        process_state().wait_for_everyone()  # every process has written its RNG state into the folder
         if state.is_world_process_zero:
             mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.config, self.keep)
 
@@ -284,6 +284,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     match_vocab(model, tokenizer)
     if cfg.padding_free:
         use_packed_attention(model)
+    set_seed(cfg.seed)  # the adapter is drawn from the global generator: not from what a GGUF conversion left
     model = apply_lora(model, cfg.lora)
 
     train_set, dropped_train = tokenize_dataset(train_records, tokenizer, cfg.max_length)
