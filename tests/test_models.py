@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import seeded
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -69,8 +70,9 @@ def test_tokenizer_without_template_gets_chatml_and_a_distinct_pad(tiny_tokenize
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"
     assert len(tokenizer) == before  # the markers were already in the vocabulary; nothing added
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=before - 3, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    with seeded(0):  # a model built unseeded would shift every later test's draws from the global generator
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=before - 3, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
     match_vocab(model, tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert model.config.pad_token_id == tokenizer.pad_token_id
