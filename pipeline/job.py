@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pipeline.checkpoints import run_altering
@@ -89,6 +90,7 @@ class JobStore(ArtifactStore):
 def run_job(path: str, overrides: list[str], stage_modules: dict[str, str]) -> list[StageResult]:
     """Run (or skip, or resume) each stage the job file names; print and return the closing table."""
     job, stage_values = load_job(path, overrides, list(stage_modules))
+    store = ArtifactStore(job.store)
     produced: dict[str, Artifact] = {}
     results = []
     for stage, module_name in stage_modules.items():
@@ -98,7 +100,6 @@ def run_job(path: str, overrides: list[str], stage_modules: dict[str, str]) -> l
         values = stage_values[stage] | {"store": job.store}
         if job.output_dir is not None:
             values["output_dir"] = job.output_dir
-        store = ArtifactStore(job.store)
         values = {key: pin_reference(value, store, produced) for key, value in values.items()}
         cfg = build(module.Config, values, f"{path} ({stage})")
         results.append(run_stage(stage, module, cfg, store))
@@ -207,7 +208,10 @@ def run_stage(stage: str, module, cfg, store: ArtifactStore) -> StageResult:
     if state.is_main_process:
         print(f"== {stage}: {'resuming' if resumed else 'running'} in {run_dir}", flush=True)
     module.run(cfg, JobStore(store.root, stage=stage, fingerprint=digest))
-    state.wait_for_everyone()  # the main process has published: every process finds the artifact
+    # Wait until the main process has published, so that every process finds the artifact. A stage may end the
+    # process group itself (PPO's run does, after the barrier that follows its publish): nothing left to wait for.
+    if not state.use_distributed or torch.distributed.is_initialized():
+        state.wait_for_everyone()
     artifact = find(store, stage, digest)
     if artifact is None:
         raise ConfigError(f"the {stage} stage finished without publishing an artifact; see its output above")

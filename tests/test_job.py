@@ -44,7 +44,7 @@ def test_a_killed_job_continues_and_a_finished_one_is_skipped(tmp_path, tiny_mod
     store = ArtifactStore(tmp_path / "store")
     argv = ["run", "--config", str(JOB), "--store", str(store.root), "--output_dir", str(tmp_path / "runs")]
     # Enough reward steps that the kill, right after its first checkpoint, lands inside the stage.
-    argv += ["--sft.model", str(tiny_model_dir), "--reward.max_steps", "40", "--reward.checkpoint_every", "3"]
+    argv += ["--sft.model", str(tiny_model_dir), "--reward.max_steps", "12", "--reward.checkpoint_every", "2"]
 
     env = os.environ | {"RLHF_DEBUG": "1", "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(
@@ -64,7 +64,7 @@ def test_a_killed_job_continues_and_a_finished_one_is_skipped(tmp_path, tiny_mod
     assert f"== sft: skipped, {sft.id} was built from the same config and inputs" in out
     assert "== reward: resuming in" in out and "resumed from" in out
     (reward,), (ppo,) = store.list("reward"), store.list("ppo")
-    assert reward.metrics["steps"] == 40
+    assert reward.metrics["steps"] == 12
     assert inputs_by_role(reward) == {"model": sft.id}
     assert inputs_by_role(ppo) == {"policy": sft.id, "reward": reward.id}
     table = out[out.index("stage   artifact") :]

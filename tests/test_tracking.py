@@ -53,12 +53,13 @@ def test_report_to_takes_a_name_a_list_or_none_and_refuses_what_cannot_run():
     from stages.sft.train import Config as SFTConfig
 
     for config in (SFTConfig, RewardConfig):
-        assert load_config(config, None, ["--report_to", "[tensorboard, trackio]"]).report_to == [
+        data = ["--data", "data.jsonl"]
+        assert load_config(config, None, [*data, "--report_to", "[tensorboard, trackio]"]).report_to == [
             "tensorboard",
             "trackio",
         ]
         with pytest.raises(ConfigError, match="unknown tracker 'nope'"):
-            load_config(config, None, ["--report_to", "nope"])
+            load_config(config, None, [*data, "--report_to", "nope"])
 
 
 @pytest.mark.parametrize(
