@@ -140,6 +140,17 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch in one thread for a module's tests: tiny models gain nothing from more, on a busy machine two threads
+    spin waiting on each other (a tiny PPO step takes seconds instead of milliseconds), and sums come out in one
+    order whatever the machine, as in the single-threaded subprocesses some tests compare with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def store(tmp_path):
     from pipeline.store import ArtifactStore

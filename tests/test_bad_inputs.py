@@ -29,6 +29,8 @@ from pipeline.models import write_card
 from pipeline.store import ArtifactStore
 from stages.sft.train import Config as SFTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, a busy machine: see conftest
+
 CONFIGS = REPO / "configs"
 
 

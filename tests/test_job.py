@@ -30,6 +30,8 @@ from pipeline.config import ConfigError
 from pipeline.job import load_job
 from pipeline.store import ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, a busy machine: see conftest
+
 JOB = REPO / "configs" / "pipeline-tiny-test.yaml"
 
 
@@ -43,8 +45,10 @@ def test_a_killed_job_continues_and_a_finished_one_is_skipped(tmp_path, tiny_mod
     monkeypatch.chdir(REPO)  # the job file names the demo data relative to the repository
     store = ArtifactStore(tmp_path / "store")
     argv = ["run", "--config", str(JOB), "--store", str(store.root), "--output_dir", str(tmp_path / "runs")]
-    # Enough reward steps that the kill, right after its first checkpoint, lands inside the stage.
+    # Enough reward steps that the kill, right after its first checkpoint, lands inside the stage; PPO without
+    # its held-out evaluation (test_ppo_stage.py covers it), which would take half of this test's time.
     argv += ["--sft.model", str(tiny_model_dir), "--reward.max_steps", "12", "--reward.checkpoint_every", "2"]
+    argv += ["--ppo.eval_prompts", "null"]
 
     env = os.environ | {"RLHF_DEBUG": "1", "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(
@@ -109,15 +113,8 @@ def test_two_processes_on_an_empty_store_publish_each_artifact_once(tmp_path, ti
         "--eval_fraction",
         "0",
     ]
-    two = accelerate_launch(
-        [
-            "run",
-            "--config",
-            str(JOB),
-            *common,
-            *(f"--sft.{a[2:]}" if a.startswith("--") else a for a in sft_args),
-        ]
-    )
+    job_args = [f"--sft.{word[2:]}" if word.startswith("--") else word for word in sft_args]
+    two = accelerate_launch(["run", "--config", str(JOB), *common, *job_args, "--ppo.eval_prompts", "null"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("open the app on the result") == 1
     (base,), (sft,), (reward,), (ppo,) = (store.list(stage) for stage in ("base", "sft", "reward", "ppo"))

@@ -26,6 +26,8 @@ from pipeline.job import load_job
 from pipeline.models import EMBEDDED_MODEL, write_card
 from pipeline.store import ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, a busy machine: see conftest
+
 DATA_KEYS = ("data", "eval_data", "normalise_on", "prompts", "eval_prompts")
 READ_ONLY = (["artifacts", "ls"], ["artifacts", "show"], ["data", "inspect"], ["reward", "score"])
 

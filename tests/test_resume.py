@@ -35,14 +35,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.store import ArtifactStore
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The killed process runs with one thread; the in-process runs must sum in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the killed process ran: the sums in the same order
 
 
 def start(argv: list[str]) -> subprocess.Popen:
