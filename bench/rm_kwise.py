@@ -98,16 +98,17 @@ def run_ours(
 ) -> tuple[float, float]:
     cfg = reward_train.Config(
         store=str(work / "store"),
-        init=model_path,
+        model=model_path,
         data=train_file,
         eval_data=held_file,
         normalise_on=None,
         lora=LORA,
-        lr=args.lr,
+        learning_rate=args.lr,
         epochs=1,
         groups_per_batch=args.groups_per_batch,
         max_length=args.max_length,
         eval_every=0,
+        checkpoint_every=0,
         report_to="none",
         seed=seed,
     )

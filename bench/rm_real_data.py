@@ -104,16 +104,17 @@ def main() -> None:
             (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
         cfg = reward_train.Config(
             store=str(work / "store"),
-            init=base.path,
+            model=base.path,
             data=str(work / "train.jsonl"),
             eval_data=str(work / "held.jsonl"),
             normalise_on=None,
             lora=LoraSettings(r=16, alpha=32, target_modules=targets),
-            lr=args.lr,
+            learning_rate=args.lr,
             epochs=1,
             groups_per_batch=args.groups_per_batch,
             max_length=max_length,
             eval_every=0,
+            checkpoint_every=0,
             report_to="none",
             seed=args.seed,
         )

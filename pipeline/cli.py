@@ -5,12 +5,13 @@ rlhf reward  --config FILE [--key value ...]     stage 2: reward model on ranked
 rlhf reward score --artifact REF (--prompt P --completion C ... | --file F)
 rlhf ppo     --config FILE [--key value ...]     stage 3: PPO against the reward model
 rlhf ppo report REF                              did it help: eval curves, proxy vs judge, replies side by side
+rlhf run     --config FILE [--store ROOT] [--sft.key value ...]   all three stages as one resumable job
 rlhf artifacts ls [--store ROOT] [--stage S]     published artifacts
 rlhf artifacts show REF [--store ROOT]           one artifact: lineage, metrics, config
 rlhf artifacts export REF --out DIR [--adapter --base NAME]   a standalone Hugging Face folder
 rlhf artifacts rm REF [--with-dependants] [--with-runs] [--dry-run] [--db PATH]
 rlhf artifacts gc [--keep-days N] [--with-runs] [--dry-run]   old artifacts, checkpoints, unfinished folders
-rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems
+rlhf data inspect FILE [--kind K] [--format F]   counts, K and length distributions, problems (exit 1)
 rlhf label users|import|generate|status|export   the label database (`rlhf label --help`)
 rlhf app [--host H] [--port P]                   the labelling app, login required
 """
@@ -24,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.store import default_store_root, is_url
 
 # Each stage module exposes `Config` (a dataclass with a `store` field) and `run(cfg, store) -> Artifact`.
@@ -36,8 +38,15 @@ STAGE_MODULES = {
 DEFAULT_STORE = default_store_root()
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command line that cannot be run as given."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UsageError: one line naming the problem and where help is."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}; `{self.prog} --help` lists the arguments")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return importlib.import_module("stages.ppo.report").main(rest[1:])
         if command in STAGE_MODULES:
             return run_stage(command, rest)
+        if command == "run":
+            return run_job_command(rest)
         if command == "artifacts":
             return artifacts_command(rest)
         if command == "data":
@@ -68,25 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the user gets one line naming the problem, not a traceback
         if not is_user_error(err) or os.environ.get("RLHF_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # One line, even when a message quotes a library's paragraph.
+        print(
+            "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()),
+            file=sys.stderr,
+        )
         return 2
 
 
 def is_user_error(err: Exception) -> bool:
     """Errors our own code raises with a message meant for the user (bad config, data, reference)."""
-    from pipeline.app.db import LabelError
-    from pipeline.datasets import DataError
-    from pipeline.models import ModelError
-    from pipeline.store import StoreError
-
-    return isinstance(err, (UsageError, ConfigError, DataError, ModelError, StoreError, LabelError))
+    return isinstance(err, UserError)
 
 
 def run_stage(name: str, argv: list[str]) -> int:
     from pipeline.artifacts_view import format_value
     from pipeline.store import ArtifactStore
 
-    parser = argparse.ArgumentParser(prog=f"rlhf {name}", description=f"Run the {name} stage.")
+    parser = Parser(prog=f"rlhf {name}", description=f"Run the {name} stage.")
     parser.add_argument("--config", help="YAML config file; any --key value after it overrides a key")
     args, overrides = parser.parse_known_args(argv)
     module = importlib.import_module(STAGE_MODULES[name])
@@ -101,11 +111,21 @@ def run_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
+def run_job_command(argv: list[str]) -> int:
+    from pipeline.job import run_job
+
+    parser = Parser(prog="rlhf run", description="SFT, reward and PPO as one resumable job.")
+    parser.add_argument("--config", required=True, help="job file, e.g. configs/pipeline-demo.yaml")
+    args, overrides = parser.parse_known_args(argv)
+    run_job(args.config, overrides, STAGE_MODULES)
+    return 0
+
+
 def artifacts_command(argv: list[str]) -> int:
     from pipeline.artifacts_view import render_list, render_show
     from pipeline.store import ArtifactStore
 
-    parser = argparse.ArgumentParser(prog="rlhf artifacts")
+    parser = Parser(prog="rlhf artifacts")
     sub = parser.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("ls", help="list published artifacts, oldest first")
     ls.add_argument("--store", default=DEFAULT_STORE)
@@ -185,7 +205,7 @@ def label_references(store_root: str, db: str | None) -> dict[str, list[str]]:
 def data_command(argv: list[str]) -> int:
     from pipeline.datasets import inspect_file
 
-    parser = argparse.ArgumentParser(prog="rlhf data")
+    parser = Parser(prog="rlhf data")
     sub = parser.add_subparsers(dest="action", required=True)
     inspect = sub.add_parser("inspect", help="counts, K distribution, token lengths and the first problems")
     inspect.add_argument("file", help="a JSONL/JSON/gzip/Parquet file, or a Hub dataset name")
@@ -199,14 +219,14 @@ def data_command(argv: list[str]) -> int:
     inspect.add_argument("--store", default=DEFAULT_STORE, help="artifact store used to resolve --tokenizer")
     args = parser.parse_args(argv)
     tokenizer = None
-    if args.tokenizer != "none":
+    if args.tokenizer not in (None, "none"):
         from pipeline.models import load_tokenizer, resolve_model
         from pipeline.store import ArtifactStore
 
         tokenizer = load_tokenizer(resolve_model(args.tokenizer, ArtifactStore(args.store)).path)
     report = inspect_file(args.file, args.kind, format=args.format, tokenizer=tokenizer)
     print(report.render())
-    return 0
+    return 1 if report.dropped else 0  # scripts can gate on a clean file
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Stage configs: dataclasses filled from a YAML file, then `--key value` command-line overrides.
 
-Keys are strict: an unknown key is an error that names the key, the file, and the closest valid key.
-Nested dataclass fields are set with a YAML mapping or a dotted key (`--lora.r 8`).
+Keys are strict: an unknown key is an error that names the key, the file, and the closest valid key. A
+setting that was renamed is refused with its new name: a config class lists its old names in a `RENAMED`
+class attribute ({"old": "new"}). Nested dataclass fields are set with a YAML mapping or a dotted key
+(`--lora.r 8`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
 
 
@@ -72,10 +76,21 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     values[keys[-1]] = value
 
 
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old setting name -> new name, from the class's optional `RENAMED` attribute."""
+    return vars(cls).get("RENAMED", {})
+
+
 def build(cls: type[T], values: dict[str, Any], source: str, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in values:
+        new = renamed_keys(cls).get(key)
+        if new is not None:
+            raise ConfigError(
+                f"{source}: {prefix + key!r} was renamed to {prefix + new!r}; write {prefix + new} instead "
+                f"(--{prefix + new} on the command line)"
+            )
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"

@@ -35,6 +35,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
 Kind = Literal["conversation", "comparison", "prompt"]
 KINDS: tuple[Kind, ...] = ("conversation", "comparison", "prompt")
 FORMATS = ("canonical", "hh-rlhf", "trl", "sharegpt", "alpaca", "oasst", "mt-bench")
@@ -42,7 +44,7 @@ ROLES = ("system", "user", "assistant")
 MEMORY = "<memory>"  # the file name of a record that did not come from a file
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """One bad record, or an unreadable file (line None): str(err) is "file:line: field: message".
 
     `field` names the record field (a JSON path such as "messages[2].content"), or in angle brackets

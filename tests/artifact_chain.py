@@ -60,11 +60,11 @@ def build_chain(root: Path, tokenizer_dir: Path) -> Chain:
     base = store.publish("base", base_dir, config={"source": str(base_dir)}, meta={"name": "tiny-trap"})
     common = ["--store", str(store.root), "--output_dir", str(runs), "--report_to", TRACKERS]
     sft_args = ["sft", "--config", str(REPO / "configs" / "sft-tiny-test.yaml"), "--model", base.id]
-    sft_args += ["--data", str(DEMO_DATA / "sft.jsonl"), "--max_steps", "4", "--logging_steps", "2"]
+    sft_args += ["--data", str(DEMO_DATA / "sft.jsonl"), "--max_steps", "4", "--logging_every", "2"]
     sft_args += ["--lora.enabled", "true", "--lora.r", "4", "--lora.alpha", "8", *common]
     assert cli_main(sft_args) == 0
     sft = store.resolve("sft:latest")
-    reward_args = ["reward", "--config", str(REPO / "configs" / "reward-tiny-test.yaml"), "--init", sft.id]
+    reward_args = ["reward", "--config", str(REPO / "configs" / "reward-tiny-test.yaml"), "--model", sft.id]
     reward_args += [
         "--data",
         str(DEMO_DATA / "comparisons.jsonl"),

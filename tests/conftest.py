@@ -140,6 +140,17 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_tiny_llama(tiny_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch in one thread for a module's tests: tiny models gain nothing from more, on a busy machine two threads
+    spin waiting on each other (a tiny PPO step takes seconds instead of milliseconds), and sums come out in one
+    order whatever the machine, as in the single-threaded subprocesses some tests compare with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def store(tmp_path):
     from pipeline.store import ArtifactStore
@@ -229,3 +240,68 @@ def object_keys(prefix: str) -> list[str]:
 
     listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """The tiny Llama at `model_dir` as an F32 GGUF file, laid out as llama.cpp writes one (Q and K rows
+    permuted for its rotary layout, the byte-level BPE vocabulary and merges in the metadata): the embedded
+    model's conversion path, at a size that converts in a second."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {token: i for token, i in tokenizer["model"]["vocab"].items()}
+    for added in tokenizer["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    writer.add_add_bos_token(False)
+
+    def permute(weight: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp's convert_hf_to_gguf.py
+        return (
+            weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+        )
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    weights = {k: v.numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    for layer in range(config.num_hidden_layers):
+        for ours, theirs in names.items():
+            weight = weights[f"model.layers.{layer}.{ours}.weight"]
+            if theirs == "attn_q":
+                weight = permute(weight, config.num_attention_heads)
+            elif theirs == "attn_k":
+                weight = permute(weight, config.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{theirs}.weight", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import yaml
-from conftest import DEMO_DATA, build_tiny_llama
+from conftest import DEMO_DATA, build_tiny_llama, seeded
 
 from pipeline.models import write_card
 from pipeline.store import ArtifactStore
@@ -44,7 +44,8 @@ def build_liking_reward_model(tokenizer, out_dir: Path, *, strength: float = 3.0
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForSequenceClassification(config)
+    with seeded(0):  # every weight is set below, but building draws from the global generator all the same
+        model = LlamaForSequenceClassification(config)
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()

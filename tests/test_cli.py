@@ -21,11 +21,21 @@ def test_data_inspect_counts_k_and_token_lengths(tiny_tokenizer_dir, capsys):
     assert "lengths in tokens" in out and "p90" in out
 
 
-def test_data_inspect_lists_the_first_problems_with_file_and_line(capsys):
+def test_data_inspect_lists_the_first_problems_with_file_and_line_and_exits_1(capsys):
     broken = REPO / "tests" / "broken" / "missing_role.jsonl"
-    assert main(["data", "inspect", str(broken), "--kind", "conversation", "--tokenizer", "none"]) == 0
+    assert main(["data", "inspect", str(broken), "--kind", "conversation", "--tokenizer", "none"]) == 1
     out = capsys.readouterr().out
     assert "1 dropped" in out and f"{broken}:3: messages[1].role: missing" in out
+
+
+def test_data_inspect_without_a_tokenizer_measures_characters_and_exits_0_on_a_clean_file(capsys):
+    path = DEMO_DATA / "sft.jsonl"
+    longest = max(
+        sum(len(m["content"]) for m in json.loads(line)["messages"]) for line in path.read_text().splitlines()
+    )
+    assert main(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "lengths in characters (no tokenizer given):" in out and f"max {longest}" in out
 
 
 def test_stage_on_bad_data_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys):

@@ -9,14 +9,22 @@ from conftest import REPO
 
 from pipeline.cli import STAGE_MODULES
 from pipeline.config import ConfigError, build, load_config, parse_overrides
+from pipeline.job import load_job
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
-def test_preset_loads(path):
+def test_preset_loads(path, monkeypatch):
     stage = path.name.split("-")[0]
-    assert stage in STAGE_MODULES, f"{path.name}: presets are named <stage>-<purpose>.yaml"
+    if stage == "pipeline":  # a job: every stage it names builds its config (paths are the repository's)
+        monkeypatch.chdir(REPO)
+        job, stages = load_job(str(path), [], list(STAGE_MODULES))
+        assert job.store and stages
+        for name, values in stages.items():
+            assert build(importlib.import_module(STAGE_MODULES[name]).Config, values, path.name)
+        return
+    assert stage in STAGE_MODULES, f"{path.name}: presets are named <stage>-<purpose>.yaml or pipeline-*.yaml"
     module = importlib.import_module(STAGE_MODULES[stage])
     cfg = load_config(module.Config, path)
     assert cfg.store
@@ -26,7 +34,19 @@ def test_overrides_apply_types_and_nesting():
     from stages.sft.train import Config
 
     cfg = load_config(
-        Config, None, ["--learning_rate", "1e-3", "--lora.r=4", "--padding-free", "false", "--max_steps", "7"]
+        Config,
+        None,
+        [
+            "--data",
+            "x.jsonl",
+            "--learning_rate",
+            "1e-3",
+            "--lora.r=4",
+            "--padding-free",
+            "false",
+            "--max_steps",
+            "7",
+        ],
     )
     assert cfg.learning_rate == 1e-3 and cfg.lora.r == 4 and cfg.padding_free is False and cfg.max_steps == 7
 
@@ -47,7 +67,7 @@ def test_bad_values_name_the_key(values, message):
     with pytest.raises(
         ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
     ):
-        build(Config, values, "test.yaml")
+        build(Config, {"data": "x.jsonl"} | values, "test.yaml")
 
 
 def test_override_syntax_errors():

@@ -53,12 +53,13 @@ def test_report_to_takes_a_name_a_list_or_none_and_refuses_what_cannot_run():
     from stages.sft.train import Config as SFTConfig
 
     for config in (SFTConfig, RewardConfig):
-        assert load_config(config, None, ["--report_to", "[tensorboard, trackio]"]).report_to == [
+        data = ["--data", "data.jsonl"]
+        assert load_config(config, None, [*data, "--report_to", "[tensorboard, trackio]"]).report_to == [
             "tensorboard",
             "trackio",
         ]
         with pytest.raises(ConfigError, match="unknown tracker 'nope'"):
-            load_config(config, None, ["--report_to", "nope"])
+            load_config(config, None, [*data, "--report_to", "nope"])
 
 
 @pytest.mark.parametrize(
@@ -92,7 +93,8 @@ def test_tensorboard_and_trackio_get_the_same_metrics_under_the_same_names(
 ):
     artifact = getattr(artifact_chain, stage)
     run_dir = Path(artifact.meta["run_dir"])
-    assert run_dir.parent == artifact_chain.runs.resolve() and run_dir.name.startswith(f"{stage}-")
+    # The run folder is <output_dir>/<run_name>: sft, reward, ppo-tiny-test.
+    assert run_dir.parent == artifact_chain.runs.resolve() and run_dir.name.split("-")[0] == stage
     board = tensorboard_scalars(run_dir)
     tracked = trackio_scalars(run_dir.name)
     assert names <= set(board), sorted(board)

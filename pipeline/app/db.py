@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 DB_NAME = "labels.db"
 BUSY_TIMEOUT_S = 60.0
 SCHEMA_VERSION = 1
@@ -113,7 +115,7 @@ CREATE TRIGGER IF NOT EXISTS retractions_no_delete BEFORE DELETE ON retractions
 """
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A labelling request that cannot be done as asked; the message says why and what to do."""
 
 

@@ -7,6 +7,7 @@ completion is forwarded once per step (K rows per group, not the 2 * C(K,2) of a
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,12 +154,14 @@ def collate(batch: Sequence[Group], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-class Collator:
-    """`collate` for a DataLoader whose items are whole batches (lists of groups), with the pad id bound."""
+def batch_for_step(step: int, num_batches: int, process: int, processes: int, seed: int) -> int:
+    """The batch `process` trains on at optimizer step `step` (counted from 0 over the whole run).
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[list[Group]]) -> dict[str, torch.Tensor]:
-        (batch,) = items
-        return collate(batch, self.pad_id)
+    Each epoch is a seeded shuffle of all batches, dealt out to the processes in turn (wrapping to the start
+    of the shuffle when they do not divide evenly). A pure function of the step: a resumed run needs no
+    data-loader state to continue exactly where it stopped.
+    """
+    per_epoch = math.ceil(num_batches / processes)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return int(order[(offset * processes + process) % num_batches])

@@ -12,13 +12,13 @@ last line says how many ranked pairs the model orders the same way.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.chat import Message
+from pipeline.cli import Parser
 from pipeline.datasets import load_records, validate_prompt
 from pipeline.scoring import load_reward
 from pipeline.store import ArtifactStore, default_store_root
@@ -34,7 +34,7 @@ class Item:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf reward score", description=__doc__.split("\n")[0])
+    parser = Parser(prog="rlhf reward score", description=__doc__.split("\n")[0])
     parser.add_argument("--artifact", required=True, help="reward artifact: id, reward:latest, or a folder")
     parser.add_argument("--store", default=default_store_root())
     parser.add_argument("--prompt", help="one user message")

@@ -14,23 +14,31 @@ needs nothing but the artifact.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, SchedulerType, get_scheduler
 
 from pipeline.chat import tokenize_completion
+from pipeline.checkpoints import (
+    load_rng,
+    load_trainable,
+    save_checkpoint,
+    set_peak_learning_rate,
+    start_or_resume,
+    trainable_state,
+)
 from pipeline.config import to_dict
 from pipeline.data_sources import data_file, data_input
 from pipeline.datasets import DataError, load_records
@@ -51,9 +59,9 @@ from pipeline.scoring import RewardScorer
 from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import flat_config, run_folder, tracker_names
 from stages.reward.groups import (
-    Collator,
     DataCounts,
     Group,
+    batch_for_step,
     bucket_batches,
     check_plain_text,
     collate,
@@ -67,12 +75,14 @@ from stages.reward.losses import add_sums, pairwise_loss, plackett_luce_loss, ra
 class Config:
     """Stage 2 settings; any key can be set in the YAML file or as `--key value`."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "init": "model"}
+
     store: str = field(default_factory=default_store_root)
     """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
-    init: str = "sft:latest"
+    model: str = "sft:latest"
     """Model whose trunk the reward model starts from: an sft artifact (InstructGPT) or any model source."""
-    data: str = "data/demo/comparisons.jsonl"
-    """Ranked comparisons to train on (any format pipeline.datasets converts to comparisons)."""
+    data: str | None = None
+    """Ranked comparisons to train on (any format pipeline.datasets converts to comparisons); required."""
     data_format: str = "auto"
     """Format of `data` and `eval_data`: auto, canonical, hh-rlhf, oasst, trl."""
     eval_data: str | None = None
@@ -87,8 +97,12 @@ class Config:
     """pairwise: InstructGPT's mean over ranked pairs; plackett-luce: listwise likelihood of the ranking."""
     margin: bool = False
     """Subtract a record's "margin" value (when it has one) from each of its pairs' score difference."""
-    lr: float = 1e-4
-    """Peak learning rate, decayed linearly to 0 (1e-4 suits LoRA; ~1e-5 for full fine-tuning)."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (1e-4 suits LoRA; ~1e-5 for full fine-tuning)."""
+    lr_scheduler: str = "linear"
+    """transformers scheduler name: linear (to 0, as InstructGPT), cosine, constant, ..."""
+    warmup_steps: float = 0
+    """Optimizer steps of learning-rate warm-up; a value below 1 is a share of all steps."""
     epochs: int = 1
     """Passes over the training groups (InstructGPT trains one: more overfits)."""
     max_steps: int = -1
@@ -101,7 +115,13 @@ class Config:
     """Gradient norm clip."""
     eval_every: int = 50
     """Evaluate on the held-out groups every this many steps (0: only at the end)."""
-    normalise_on: str | None = "data/demo/sft.jsonl"
+    logging_every: int = 10
+    """Log the mean training loss and the learning rate every this many steps (0: only at the end)."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps; 0 saves none."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted)."""
+    normalise_on: str | None = None
     """Demonstrations (conversations) whose final replies set reward mean/std; unset: the best-ranked completions."""
     normalise_limit: int | None = None
     """Score at most this many demonstrations (the first ones) for the normalisation; unset: all."""
@@ -110,7 +130,13 @@ class Config:
     report_to: str | list[str] = "tensorboard"
     """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none."""
     output_dir: str = "runs"
-    """Run folder for logs (TensorBoard events under <output_dir>/reward-<time>)."""
+    """Parent of the run folder (checkpoints, TensorBoard events)."""
+    run_name: str = "reward"
+    """Run folder name under output_dir; `--resume latest` looks there."""
+    resume: str | None = None
+    """`latest` (newest checkpoint of this run, or a fresh start when none) or a checkpoint folder."""
+    force: bool = False
+    """On resume, accept settings that differ from the checkpoint's and would alter the run."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -126,8 +152,16 @@ class Config:
             raise ValueError("margin applies to the pairwise loss only; set loss: pairwise or margin: false")
         if self.normalise_limit is not None and self.normalise_limit < 1:
             raise ValueError(f"normalise_limit must be at least 1 (or unset), got {self.normalise_limit}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "logging_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        SchedulerType(self.lr_scheduler)  # an unknown name fails here, not after the model has loaded
+        if not self.data:
+            raise ValueError(
+                "data is not set: name the ranked comparisons to train on (data: FILE, or --data FILE)"
+            )
 
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
@@ -136,46 +170,70 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     set_seed(cfg.seed)
     # Artifact references (`labels:latest`) become their payload files, once: read and recorded below.
     data, eval_data = (data_file(path, "comparison", store) for path in (cfg.data, cfg.eval_data))
-    cfg = replace(cfg, data=data, eval_data=eval_data, normalise_on=data_file(cfg.normalise_on, "conversation", store))
-    resolved = resolve_model(cfg.init, store)
+    cfg = replace(
+        cfg, data=data, eval_data=eval_data, normalise_on=data_file(cfg.normalise_on, "conversation", store)
+    )
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    resume_from = start_or_resume(run_dir, cfg.resume, to_dict(cfg), force=cfg.force)
+    resolved = resolve_model(cfg.model, store)
     tokenizer = load_tokenizer(resolved.path)
-    check_chat_template(resolved, tokenizer, cfg.init)
+    check_chat_template(resolved, tokenizer, cfg.model)
 
     train_groups, eval_groups, counts = load_groups(cfg, tokenizer)
+    set_seed(cfg.seed)  # the head and adapter are drawn from the global generator: not from what loading drew
     model = build_model(cfg, resolved, tokenizer, store, training_dtype(accelerator.device))
     scorer = RewardScorer(model)
-    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.learning_rate)
     batches = bucket_batches(train_groups, cfg.groups_per_batch, cfg.seed)
-    loader = DataLoader(batches, batch_size=1, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id))
-    scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(loader)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
-    run_dir = Path(cfg.output_dir) / f"reward-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    per_epoch = math.ceil(len(batches) / accelerator.num_processes)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    warmup = int(cfg.warmup_steps) if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * total_steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    losses: list[float] = []  # every step's loss, averaged over processes
+    if resume_from is not None:
+        losses = load_checkpoint(resume_from, accelerator, scorer, optimizer, scheduler)
+        set_peak_learning_rate(optimizer, scheduler, cfg.learning_rate)
     accelerator.init_trackers(run_dir.name, config=flat_config(to_dict(cfg)))
 
-    step, started, recent = 0, time.perf_counter(), []
-    progress = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_local_main_process)
+    step, started = len(losses), time.perf_counter()
+    progress = tqdm(
+        total=total_steps, initial=step, desc="reward", disable=not accelerator.is_local_main_process
+    )
     while step < total_steps:
-        for batch in loader:
-            scorer.train()
-            loss = batch_loss(cfg, scorer(batch["input_ids"], batch["attention_mask"]), batch)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            recent.append(accelerator.reduce(loss.detach(), "mean").item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{recent[-1]:.4f}")
+        index = batch_for_step(
+            step, len(batches), accelerator.process_index, accelerator.num_processes, cfg.seed
+        )
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate(batches[index], tokenizer.pad_token_id).items()
+        }
+        scorer.train()
+        loss = batch_loss(cfg, scorer(batch["input_ids"], batch["attention_mask"]), batch)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        if cfg.logging_every and step % cfg.logging_every == 0:
+            since = losses[-cfg.logging_every :]
             accelerator.log(
-                {"train/loss": recent[-1], "train/learning_rate": scheduler.get_last_lr()[0]}, step=step
+                {"train/loss": sum(since) / len(since), "train/learning_rate": scheduler.get_last_lr()[0]},
+                step=step,
             )
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
-                accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
-            if step >= total_steps:
-                break
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
+            accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(
+                run_dir, step, accelerator, config=to_dict(cfg), keep=cfg.keep_checkpoints,
+                write=lambda folder: write_checkpoint(folder, accelerator, scorer, optimizer, scheduler, losses),
+            )  # fmt: skip
     progress.close()
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(scorer, eval_groups, cfg, accelerator, tokenizer.pad_token_id)
@@ -187,7 +245,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     )
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in evaluation.items()}
     metrics |= {
-        "train_loss": sum(recent[-10:]) / len(recent[-10:]),
+        "train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "steps": step,
         "train_groups": len(train_groups),
         "eval_groups": len(eval_groups),
@@ -196,12 +254,39 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         "truncated_prompts": counts.truncated_prompts,
         "truncated_completions": counts.truncated_completions,
         "dropped_invalid": counts.dropped_invalid,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2),  # after a resume: this session's
         **stats,
     }
     artifact = publish(cfg, store, accelerator, scorer, tokenizer, resolved, metrics, stats, run_dir)
-    accelerator.end_training()
+    # Not accelerator.end_training(): that also destroys the process group, which `rlhf run`'s next stage needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return artifact
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    folder: Path, accelerator: Accelerator, scorer, optimizer, scheduler, losses: list[float]
+) -> None:
+    """The trained tensors (adapter and score head, or every weight), optimizer and schedule, and the losses so
+    far (their count is the step, and so the data position); pipeline.checkpoints adds the RNG states and config."""
+    save_file(trainable_state(accelerator.unwrap_model(scorer)), str(folder / "trainable.safetensors"))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt"
+    )
+    (folder / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+
+
+def load_checkpoint(folder: Path, accelerator: Accelerator, scorer, optimizer, scheduler) -> list[float]:
+    """Restore what write_checkpoint saved and this process's RNG state; return the losses so far."""
+    load_trainable(accelerator.unwrap_model(scorer), folder / "trainable.safetensors")
+    saved = torch.load(folder / "optimizer.pt", map_location=accelerator.device, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    load_rng(folder, accelerator.process_index)
+    return json.loads((folder / "losses.json").read_text(encoding="utf-8"))
 
 
 def batch_loss(cfg: Config, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -262,7 +347,7 @@ def check_chat_template(resolved: ResolvedModel, tokenizer: PreTrainedTokenizerB
     if not policy_template:
         raise ModelError(
             f"{source}: the policy's model card records no chat template, so the reward model cannot render "
-            "prompts the way the policy saw them; re-run `rlhf sft` (it saves the template) or set init to a "
+            "prompts the way the policy saw them; re-run `rlhf sft` (it saves the template) or set model to a "
             "base model"
         )
     if policy_template != tokenizer.chat_template:
@@ -276,14 +361,14 @@ def check_chat_template(resolved: ResolvedModel, tokenizer: PreTrainedTokenizerB
 def build_model(
     cfg: Config, resolved: ResolvedModel, tokenizer: PreTrainedTokenizerBase, store: ArtifactStore, dtype
 ) -> torch.nn.Module:
-    """A one-output sequence classifier on the init trunk; wrapped in a SEQ_CLS adapter when LoRA is on."""
+    """A one-output sequence classifier on the trunk of `model`; wrapped in a SEQ_CLS adapter when LoRA is on."""
     model = load_reward_model(resolved, store, dtype)
     missing = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
     if missing > 0:
         if cfg.lora.enabled:
             raise ModelError(
-                f"the tokenizer of {cfg.init} needs {missing} new token embeddings, which an adapter cannot "
-                "save; start from an sft artifact (init: sft:latest) or set lora.enabled: false"
+                f"the tokenizer of {cfg.model} needs {missing} new token embeddings, which an adapter cannot "
+                "save; start from an sft artifact (model: sft:latest) or set lora.enabled: false"
             )
         model.resize_token_embeddings(len(tokenizer))
     # (pipeline.models.match_vocab also sets a generation config, which a classifier does not have.)

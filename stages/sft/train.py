@@ -14,19 +14,19 @@ import math
 import random
 import tempfile
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase, SchedulerType, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.chat import tokenize_conversation
+from pipeline.checkpoints import mark_complete, set_peak_learning_rate, start_or_resume
 from pipeline.config import ConfigError, to_dict
 from pipeline.data_sources import data_file, data_input
-from pipeline.datasets import load_records
+from pipeline.datasets import DataError, load_records
 from pipeline.model_card import write_model_card
 from pipeline.models import (
     EMBEDDED_MODEL,
@@ -40,6 +40,7 @@ from pipeline.models import (
     write_card,
 )
 from pipeline.packed_attention import use_packed_attention
+from pipeline.processes import process_state
 from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import TrackerCallback, finish_trackers, run_folder, start_trackers, tracker_names
 
@@ -50,12 +51,18 @@ IGNORE_INDEX = -100
 class Config:
     """Stage 1 settings; any key can be set in the YAML file or as `--key value`."""
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        "eval_steps": "eval_every",
+        "logging_steps": "logging_every",
+        "warmup_ratio": "warmup_steps",
+    }
+
     store: str = field(default_factory=default_store_root)
     """Artifact store root: a folder or an fsspec URL (s3://bucket/prefix)."""
     model: str = EMBEDDED_MODEL
     """Model source: the embedded default, a .gguf file, an artifact reference, a folder or a Hub id."""
-    data: str = "data/demo/sft.jsonl"
-    """Conversations to train on (any format pipeline.datasets converts to conversations)."""
+    data: str | None = None
+    """Conversations to train on (any format pipeline.datasets converts to conversations); required."""
     data_format: str = "auto"
     """Format of `data`: auto, canonical, sharegpt, alpaca, oasst, ..."""
     eval_data: str | None = None
@@ -84,18 +91,28 @@ class Config:
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 runs `epochs`."""
-    warmup_ratio: float = 0.03
-    """Share of steps spent warming the learning rate up."""
+    warmup_steps: float = 0.03
+    """Optimizer steps of learning-rate warm-up; a value below 1 is a share of all steps (0.03: the first 3%)."""
     lr_scheduler: str = "cosine"
     """transformers scheduler name: cosine, linear, constant, ..."""
-    eval_steps: int = 0
-    """Evaluate every this many steps; 0 evaluates only at the end."""
-    logging_steps: int = 10
-    """Log loss and learning rate every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 evaluates only before and after training."""
+    logging_every: int = 10
+    """Log loss and learning rate every this many steps; 0 logs only the final loss."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps; 0 saves none."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted)."""
     report_to: str | list[str] = "tensorboard"
     """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none."""
     output_dir: str = "runs"
-    """Run folder for logs (TensorBoard events under <output_dir>/sft-<time>)."""
+    """Parent of the run folder (checkpoints, TensorBoard events)."""
+    run_name: str = "sft"
+    """Run folder name under output_dir; `--resume latest` looks there."""
+    resume: str | None = None
+    """`latest` (newest checkpoint of this run, or a fresh start when none) or a checkpoint folder."""
+    force: bool = False
+    """On resume, accept settings that differ from the checkpoint's and would alter the run."""
     seed: int = 0
     """Seed for data order, the held-out split and initialisation."""
     trainer_args: dict[str, Any] = field(default_factory=dict)
@@ -108,7 +125,21 @@ class Config:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be at least 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be positive or -1 (run `epochs`), got {self.max_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        SchedulerType(self.lr_scheduler)  # an unknown name fails here, not after the model has loaded
         tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
+        for name in ("eval_every", "logging_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (at the end only) or more, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if not self.data:
+            raise ValueError(
+                "data is not set: name the conversations to train on (data: FILE, or --data FILE)"
+            )
 
 
 def tokenize_dataset(
@@ -188,12 +219,16 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler,
-        logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
-        eval_steps=cfg.eval_steps or None,
-        save_strategy="no",
+        logging_strategy="steps" if cfg.logging_every else "no",
+        logging_steps=cfg.logging_every or 500,
+        eval_strategy="steps" if has_eval and cfg.eval_every > 0 else "no",
+        eval_steps=cfg.eval_every or None,
+        # transformers writes each checkpoint; CheckpointMarks marks it complete and deletes old ones.
+        save_strategy="steps" if cfg.checkpoint_every else "no",
+        save_steps=cfg.checkpoint_every or 500,
+        save_total_limit=None,
         report_to=[],  # our TrackerCallback logs, under the metric names every stage uses
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -205,8 +240,26 @@ def trainer_settings(cfg: Config, run_dir: Path, has_eval: bool, dtype: torch.dt
     )
     try:
         return SFTConfig(**(settings | cfg.trainer_args))
-    except TypeError as err:
-        raise ConfigError(f"trainer_args: {err} (see trl.SFTConfig for the valid keys)") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{err} (see trl.SFTConfig for the valid keys and values)") from None
+
+
+class CheckpointMarks(TrainerCallback):
+    """Marks each checkpoint the Trainer saved as complete, with the run's resolved config (for `--resume`), and
+    keeps the newest `keep`; on resume, puts this config's peak learning rate into the restored schedule."""
+
+    def __init__(self, config: dict[str, Any], keep: int):
+        self.config, self.keep = config, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        process_state().wait_for_everyone()  # every process has written its RNG state into the folder
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.config, self.keep)
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        # Called after the Trainer loaded a checkpoint's optimizer and schedule, whose peak rate is the old one.
+        if state.global_step > 0:
+            set_peak_learning_rate(optimizer, lr_scheduler, args.learning_rate)
 
 
 def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
@@ -222,6 +275,8 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         eval_records = load_records(cfg.eval_data, "conversation", skip_invalid=cfg.skip_invalid).records
     else:
         train_records, eval_records = split_holdout(loaded.records, cfg.eval_fraction, cfg.seed)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    resume_from = start_or_resume(run_dir, cfg.resume, to_dict(cfg), force=cfg.force)
     source = resolve_model(cfg.model, store)
     tokenizer = load_tokenizer(source.path)
     dtype = training_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -229,29 +284,36 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     match_vocab(model, tokenizer)
     if cfg.padding_free:
         use_packed_attention(model)
+    set_seed(cfg.seed)  # the adapter is drawn from the global generator: not from what a GGUF conversion left
     model = apply_lora(model, cfg.lora)
 
     train_set, dropped_train = tokenize_dataset(train_records, tokenizer, cfg.max_length)
     eval_set, dropped_eval = tokenize_dataset(eval_records, tokenizer, cfg.max_length)
     if len(train_set) == 0:
-        raise ValueError(
-            f"{cfg.data}: no conversation has an assistant token within max_length={cfg.max_length}"
-        )
+        raise DataError(
+            cfg.data, None, "<file>", f"no conversation has an assistant token within max_length="
+            f"{cfg.max_length}: raise max_length or shorten the prompts"
+        )  # fmt: skip
 
-    run_dir = Path(cfg.output_dir) / f"sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     trainer = AssistantLossTrainer(
         model=model,
         args=trainer_settings(cfg, run_dir, has_eval=len(eval_set) > 0, dtype=dtype),
         train_dataset=train_set,
         eval_dataset=eval_set if len(eval_set) else None,
         processing_class=tokenizer,
+        callbacks=[CheckpointMarks(to_dict(cfg), cfg.keep_checkpoints)],
     )
     trackers = start_trackers(tracker_names(cfg.report_to), run_dir, to_dict(cfg))
     trainer.add_callback(TrackerCallback(trackers))
     eval_before = trainer.evaluate()["eval_loss"] if len(eval_set) else None
-    result = trainer.train()
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics: dict[str, Any] = {}
+    if len(eval_set):
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss_before"] = eval_before
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics |= {
+        "train_loss": result.training_loss,  # after a resume: the mean over the steps this session ran
         "train_steps": result.global_step,
         "train_conversations": len(train_set),
         "eval_conversations": len(eval_set),
@@ -259,10 +321,6 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         "no_assistant_tokens_dropped": dropped_train + dropped_eval,
         "train_seconds": result.metrics.get("train_runtime"),
     }
-    if len(eval_set):
-        metrics["eval_loss_before"] = eval_before
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     finish_trackers(trackers)
 
     trainer.accelerator.wait_for_everyone()
