@@ -52,6 +52,15 @@ OBSERVING = (
     "store",
     "resume",
     "force",
+    # PPO's held-out evaluation and its health bound: what is measured of the run, not what it trains on.
+    "eval_prompts",
+    "eval_limit",
+    "eval_samples",
+    "eval_batch_size",
+    "eval_temperature",
+    "eval_max_new_tokens",
+    "eval_judge",
+    "max_kl",
 )
 """Cadences, trackers and where things go: they change what is seen of a run, never its weights."""
 
@@ -162,16 +171,19 @@ def save_checkpoint(
     config: dict[str, Any],
     write: Callable[[Path], None],
     keep: int,
+    generator: torch.Generator | None = None,
+    prefix: str = PREFIX,
 ) -> Path:
-    """Write checkpoint-<step> atomically: every process its RNG state, the main process `write(folder)` (weights,
-    optimizer, run state) and the config; renamed into place when whole. Keeps the newest `keep`."""
-    final = run_dir / f"{PREFIX}{step:06d}"
+    """Write <prefix><step> atomically: every process its RNG state (and its sampling `generator`'s), the main
+    process `write(folder)` (weights, optimizer, run state) and the config; renamed into place when whole.
+    Keeps the newest `keep` checkpoints. Another `prefix` (a run stopped to inspect) is never resumed from."""
+    final = run_dir / f"{prefix}{step:06d}"
     staging = run_dir / f"{STAGING}{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    torch.save(rng_state(generator), staging / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         write(staging)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -180,36 +192,40 @@ def save_checkpoint(
         sync_folder(staging)
         shutil.rmtree(final, ignore_errors=True)  # a later run's, when resuming from an earlier checkpoint
         os.rename(staging, final)
-        prune(run_dir, keep)
+        if prefix == PREFIX:
+            prune(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_rng(checkpoint: Path, process_index: int) -> None:
-    """Restore this process's RNG state from a checkpoint save_checkpoint wrote."""
+def load_rng(checkpoint: Path, process_index: int, generator: torch.Generator | None = None) -> None:
+    """Restore this process's RNG state (and its sampling `generator`'s) from a checkpoint save_checkpoint wrote."""
     rng_file = checkpoint / f"rng-{process_index}.pt"
     if not rng_file.is_file():
         raise ConfigError(
             f"{checkpoint} was written by fewer processes than this run has; resume with the same number"
         )
-    restore_rng(torch.load(rng_file, weights_only=False))
+    restore_rng(torch.load(rng_file, weights_only=False), generator)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": None if generator is None else generator.get_state(),
     }
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["generator"])
 
 
 def saved_config(checkpoint: Path) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from conftest import REPO
 from ppo_helpers import build_peaked_policy, publish_tiny_pair, write_config
 from safetensors.torch import load_file
 
+from pipeline.checkpoints import checkpoints
+from pipeline.cli import main
 from pipeline.config import load_config
-from stages.ppo.checkpoint import checkpoints, resolve_resume
 from stages.ppo.train import Config, run
 
 SETTINGS = dict(steps=8, checkpoint_every=2, keep_checkpoints=2, eval_prompts=None, sample_every=2)
@@ -45,7 +46,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path, capsys):
     policy = build_peaked_policy(tiny_tokenizer, tmp_path / "policy")
     publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
     config = write_config(tmp_path / "ppo.yaml", store, **SETTINGS)
@@ -60,31 +61,28 @@ def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path)
     assert store.list("ppo") == []
     first = checkpoints(run_dir)[-1]
 
-    resumed = cli(config, "--run_name", "killed", "--resume", "latest")
+    # A changed learning rate would alter the run: refused in one line naming it, nothing written.
+    capsys.readouterr()
+    assert main(["ppo", "--config", str(config), "--run_name", "killed", "--resume", "latest",
+                 "--learning_rate", "1e-2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "learning_rate is 0.01 here but 0.003 in the checkpoint" in err
+    assert checkpoints(run_dir)[-1] == first
+    # More steps only extend it, a checkpoint cadence only observes it: accepted.
+    resumed = cli(
+        config, "--run_name", "killed", "--resume", "latest", "--steps", "9", "--checkpoint_every", "3"
+    )
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
-    assert f"resumed from {first}" in stdout
+    assert f"resumed from {first} at step" in stdout and "steps: 8 -> 9" in stdout
 
-    straight = run(load_config(Config, config, ["--run_name", "straight"]), store)
+    straight = run(load_config(Config, config, ["--run_name", "straight", "--steps", "9"]), store)
     (interrupted,) = [a for a in store.list("ppo") if a.id != straight.id]
     ours, theirs = weights(Path(interrupted.uri)), weights(Path(straight.uri))
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     assert interrupted.metrics["train_score_final"] == straight.metrics["train_score_final"]
-
-
-def test_a_checkpoint_killed_mid_save_is_ignored(tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoint-000002").mkdir(parents=True)
-    (run_dir / "checkpoint-000002" / "state.json").write_text("{}")
-    (run_dir / ".tmp-checkpoint-000004").mkdir()  # a save that never reached its rename
-    (run_dir / ".tmp-checkpoint-000004" / "state.json").write_text("{}")
-    assert resolve_resume("latest", run_dir) == run_dir / "checkpoint-000002"
-    assert resolve_resume(str(run_dir / "checkpoint-000002"), run_dir) == run_dir / "checkpoint-000002"
-    assert resolve_resume("latest", tmp_path / "fresh") is None  # nothing to resume: start from scratch
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        resolve_resume(str(run_dir / ".tmp-checkpoint-000004" / "missing"), run_dir)
 
 
 def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(store, tiny_tokenizer, tmp_path, capsys):

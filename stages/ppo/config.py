@@ -137,6 +137,8 @@ class Config:
     """Run folder name under output_dir; `--resume latest` looks there."""
     resume: str | None = None
     """`latest` (newest checkpoint of this run, or a fresh start when none) or a checkpoint folder."""
+    force: bool = False
+    """With resume: accept settings that differ from the checkpoint's and would alter the run (printed)."""
     report_to: str | list[str] = "tensorboard"
     """Trackers: tensorboard, wandb, mlflow, trackio, ... (any Accelerate tracker), a list of them, or none.
     Every step's metrics go to metrics.jsonl in the artifact as well."""

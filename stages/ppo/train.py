@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
+from pipeline.checkpoints import start_or_resume
 from pipeline.config import to_dict
 from pipeline.data_sources import data_file
 from pipeline.datasets import load_records
@@ -38,22 +39,14 @@ from pipeline.models import ModelError, load_tokenizer, resolve_model
 from pipeline.scoring import load_reward
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.tracking import flat_config, tracker_names
-from stages.ppo import rl
-from stages.ppo.checkpoint import (
-    RunState,
-    Trained,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    save_for_inspection,
-    set_aside_earlier_run,
-)
+from stages.ppo import checkpoint, rl
+from stages.ppo.checkpoint import RunState, Trained
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic, load_critic
 from stages.ppo.evaluate import EvalSet, Evaluation
 from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy, load_policy_and_reference
-from stages.ppo.publish import log_step, publish, summarize
+from stages.ppo.publish import log_step, publish, source_of, summarize
 
 __all__ = ["Config", "run"]
 
@@ -72,16 +65,8 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
             f"batch_size and mini_batch_size must be multiples of the {acc.num_processes} processes"
         )
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    if resume_from is None and acc.is_main_process:
-        aside = set_aside_earlier_run(run_dir)
-        if aside is not None:
-            print(
-                f"{run_dir} held an earlier run's checkpoints: moved to {aside} "
-                "(--resume latest continues a run instead)",
-                flush=True,
-            )
-    acc.wait_for_everyone()
+    # A resume whose settings would alter the run is refused here, naming the key (--force accepts it).
+    resume_from = start_or_resume(run_dir, cfg.resume, to_dict(cfg), force=cfg.force)
 
     # The models: the policy with its reference, the value model with the reward model.
     sft, reward_source = resolve_model(cfg.policy, store), resolve_model(cfg.reward, store)
@@ -110,8 +95,10 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     )
     policy, critic = policy.prepared(policy_net), critic.prepared(critic_net)
     trained = [
-        Trained("policy", policy_net, policy_opt, schedule(cfg, policy_opt, updates)),
-        Trained("critic", critic_net, critic_opt, schedule(cfg, critic_opt, updates)),
+        Trained("policy", policy_net, policy_opt, schedule(cfg, policy_opt, updates), cfg.learning_rate),
+        Trained(
+            "critic", critic_net, critic_opt, schedule(cfg, critic_opt, updates), cfg.value_learning_rate
+        ),
     ]
     engine = make_engine(
         cfg.rollout_engine, policy.lm, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id
@@ -124,14 +111,14 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     kl_control = rl.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     state = RunState(engine=engine.name)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, acc, trained=trained, generator=generator)
+        state = checkpoint.load(resume_from, acc, trained=trained, generator=generator)
         if state.engine != engine.name:
             raise ModelError(
                 f"{resume_from} was sampled by the {state.engine} rollout engine, this run would use "
                 f"{engine.name}: set rollout_engine: {state.engine} to resume it exactly"
             )
         kl_control.load_state_dict(state.kl_controller)
-        acc.print(f"resumed from {resume_from} at step {state.step}", flush=True)
+    state.config = to_dict(cfg) | {"policy": source_of(sft)}
     engine.sync(policy.lm)
     evaluation = load_evaluation(cfg, store, tokenizer=tokenizer, acc=acc, engine=engine)
     if state.step == 0 and evaluation is not None:
@@ -184,14 +171,29 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         state.kl_controller = kl_control.state_dict()
         problem = health_problem(metrics, cfg.max_kl)
         if problem is not None:
-            saved = save_for_inspection(run_dir, acc, trained=trained, state=state, generator=generator)
+            saved = checkpoint.save(
+                run_dir,
+                acc,
+                trained=trained,
+                state=state,
+                config=to_dict(cfg),
+                generator=generator,
+                keep=1,
+                inspect=True,
+            )
             raise TrainingDiverged(f"step {state.step}: {problem}; the state is saved in {saved} to inspect")
         log_step(acc, state.history[-1], state.samples)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}")
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(
-                run_dir, acc, trained=trained, state=state, generator=generator, keep=cfg.keep_checkpoints
+            checkpoint.save(
+                run_dir,
+                acc,
+                trained=trained,
+                state=state,
+                config=to_dict(cfg),
+                generator=generator,
+                keep=cfg.keep_checkpoints,
             )
     bar.close()
     summary = summarize(state.history, episodes, time.perf_counter() - started)
