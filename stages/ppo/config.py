@@ -21,9 +21,9 @@ class Config:
     """The SFT model: the starting policy and the frozen KL reference."""
     reward: str = "reward:latest"
     """The reward model artifact (scores at the last token; its card gives reward_mean/reward_std)."""
-    prompts: str = "data/demo/prompts.jsonl"
+    prompts: str | None = None
     """Prompts to roll out on (any source pipeline.datasets reads as prompt records)."""
-    eval_prompts: str | dict[str, str] | None = "data/demo/eval_prompts.jsonl"
+    eval_prompts: str | dict[str, str] | None = None
     """Held-out prompts for evaluation (reward, KL, length, win rate over SFT): one source, or several as
     {name: source}, each reported on its own (eval/<name>/...); null disables evaluation."""
     data_format: str = "auto"
@@ -101,7 +101,7 @@ class Config:
     """Entropy bonus coefficient (entropy is logged either way)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the SFT language-modelling loss on demonstrations; 0 disables it."""
-    ptx_data: str = "data/demo/sft.jsonl"
+    ptx_data: str | None = None
     """Demonstrations for the ptx loss (conversations; assistant tokens are the targets)."""
     ptx_batch_size: int = 4
     """Demonstrations per process per optimizer step for the ptx loss."""
@@ -178,6 +178,12 @@ class Config:
                 "critic: head reads the reward model's hidden states, so it needs value_init: reward"
             )
         tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
+        if not self.prompts:
+            raise ValueError(
+                "prompts is required: a prompt file (e.g. data/demo/prompts.jsonl) or labels:latest"
+            )
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError("ptx_coef > 0 needs ptx_data: demonstrations (conversations) for the ptx loss")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
         if self.max_kl is not None and self.max_kl <= 0:
