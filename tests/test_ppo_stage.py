@@ -370,6 +370,33 @@ def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, publishe
     assert {"judge", "eval_prompts:demo", "eval_prompts:mtb"} <= roles
 
 
+def test_step_zero_is_scored_from_the_sft_replies_as_a_second_generation_would_score_it(
+    store, published, tmp_path, monkeypatch
+):
+    """Before its first update the policy samples what the SFT policy samples (same weights, same seeds),
+    so step 0 reuses the SFT replies: the metrics equal those of generating the policy's replies again."""
+    from stages.ppo.evaluate import Evaluation
+
+    sft_id, reward_id = published
+    seen = {}
+    baseline = Evaluation.baseline
+
+    def both(self, policy, critic):
+        seen["baseline"] = baseline(self, policy, critic)
+        seen["generated"] = self.run(policy, critic)
+        return seen["baseline"]
+
+    monkeypatch.setattr(Evaluation, "baseline", both)
+    config = write_config(tmp_path / "ppo.yaml", store, steps=1, eval_every=0, eval_limit=4, eval_samples=2,
+                          eval_judge=reward_id, eval_max_new_tokens=6)  # fmt: skip
+    run(load_config(Config, config, []), store)
+    generated = seen["generated"]
+    assert set(seen["baseline"]) == set(generated)
+    for key, value in seen["baseline"].items():
+        assert value == pytest.approx(generated[key], rel=1e-4, abs=1e-4), key
+    assert generated["eval/win"] == 0.5 and generated["eval/kl"] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_the_report_shows_curves_a_verdict_and_replies_side_by_side():
     from stages.ppo.report import render
 

@@ -55,6 +55,14 @@ class Reply:
     text: str
     proxy: float
     judge: float | None
+    kl: float
+    """Summed over the reply, to the SFT policy (0 for the SFT policy's own)."""
+    length: int
+    """Tokens."""
+
+    def shown(self) -> dict:
+        """What the artifact keeps of a reply beside the other side's."""
+        return {"text": self.text, "proxy": self.proxy, "judge": self.judge}
 
 
 @dataclass
@@ -75,28 +83,52 @@ class Evaluation:
     """From the last evaluation: the first prompts of each set with both replies (main process)."""
 
     @torch.no_grad()
+    def baseline(self, policy: Policy, critic: Critic) -> dict[str, float]:
+        """Step 0's metrics without a second generation: before its first update the policy is the SFT
+        policy (same weights, same seeds), so its replies are the SFT replies, at KL 0 and a win rate of
+        0.5 by definition."""
+        self.answer_as_sft(policy, critic)
+        metrics: dict[str, float] = {}
+        for eval_set in self.sets:
+            rows = []
+            for (name, i, _), reply in self.sft.items():
+                if name == eval_set.name:
+                    row = {"prompt": i, "score": reply.proxy, "kl": 0.0, "length": reply.length,
+                           "words": len(reply.text.split()), "win": 0.5}  # fmt: skip
+                    if self.judge is not None:
+                        row |= {"judge_score": reply.judge, "judge_win": 0.5}
+                    rows.append(row)
+            metrics |= {eval_set.prefix + key: value for key, value in summarise(gather_object(rows)).items()}
+        return metrics
+
+    def answer_as_sft(self, policy: Policy, critic: Critic) -> None:
+        """The SFT policy's replies, once per run: they never change."""
+        if self.sft:
+            return
+        with policy.as_reference() as reference:
+            self.engine.sync(reference)
+            for eval_set in self.sets:
+                for (i, sample), reply in self.answer(eval_set, critic, policy=None):
+                    self.sft[(eval_set.name, i, sample)] = reply
+        self.engine.sync(policy.lm)
+
+    @torch.no_grad()
     def run(self, policy: Policy, critic: Critic) -> dict[str, float]:
         """Each set's metrics (each process takes its share of the prompts)."""
-        if not self.sft:
-            with policy.as_reference() as reference:
-                self.engine.sync(reference)
-                for eval_set in self.sets:
-                    for (i, sample), reply, _ in self.answer(eval_set, critic, policy=None):
-                        self.sft[(eval_set.name, i, sample)] = reply
-            self.engine.sync(policy.lm)
+        self.answer_as_sft(policy, critic)
         metrics: dict[str, float] = {}
         self.pairs = []
         for eval_set in self.sets:
             rows = []
-            for (i, sample), ours, extra in self.answer(eval_set, critic, policy=policy):
+            for (i, sample), ours in self.answer(eval_set, critic, policy=policy):
                 theirs = self.sft[(eval_set.name, i, sample)]
-                row = {"prompt": i, "score": ours.proxy, "kl": extra["kl"], "length": extra["length"],
+                row = {"prompt": i, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
                        "words": len(ours.text.split()), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
                 if self.judge is not None:
                     row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
                 if sample == 0 and i < PAIRS_PER_SET:
-                    row["pair"] = {"set": eval_set.name, "prompt": eval_set.messages[i], "policy": ours.__dict__,
-                                   "sft": theirs.__dict__}  # fmt: skip
+                    row["pair"] = {"set": eval_set.name, "prompt": eval_set.messages[i], "policy": ours.shown(),
+                                   "sft": theirs.shown()}  # fmt: skip
                 rows.append(row)
             rows = gather_object(rows)
             self.pairs += sorted((r.pop("pair") for r in rows if "pair" in r), key=lambda p: str(p["prompt"]))
@@ -104,7 +136,7 @@ class Evaluation:
         return metrics
 
     def answer(self, eval_set: EvalSet, critic: Critic, policy: Policy | None):
-        """((prompt, sample), Reply, {kl, length}) for this process's prompts, from the engine's current
+        """((prompt, sample), Reply) for this process's prompts, from the engine's current
         weights (the policy's, or the reference's when `policy` is None), seeded the same every time."""
         acc, cfg = self.acc, self.cfg
         mine = list(range(len(eval_set.ids)))[acc.process_index :: acc.num_processes]
@@ -125,7 +157,7 @@ class Evaluation:
                     length = int(seq.response_mask[j].sum())
                     text = self.tokenizer.decode(seq.response[j, :length], skip_special_tokens=True).strip()
                     judged = None if self.judge is None else self.judge_score(eval_set.messages[i], text)
-                    yield (i, sample), Reply(text, proxy[j], judged), {"kl": kl[j], "length": length}
+                    yield (i, sample), Reply(text=text, proxy=proxy[j], judge=judged, kl=kl[j], length=length)
 
     def proxy_scores(self, critic: Critic, seq: Sequences) -> torch.Tensor:
         raw = critic.scores(seq, critic.prepare(seq))

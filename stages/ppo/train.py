@@ -122,7 +122,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     engine.sync(policy.lm)
     evaluation = load_evaluation(cfg, store, tokenizer=tokenizer, acc=acc, engine=engine)
     if state.step == 0 and evaluation is not None:
-        state.history.append({"step": 0, **evaluation.run(policy, critic)})
+        state.history.append({"step": 0, **evaluation.baseline(policy, critic)})
 
     settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     acc.init_trackers(cfg.run_name, config=flat_config(to_dict(cfg)))
