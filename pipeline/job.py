@@ -106,7 +106,12 @@ def run_job(path: str, overrides: list[str], stage_modules: dict[str, str]) -> l
         produced[stage] = results[-1].artifact
     if process_state().is_main_process:
         print(render_table(results))
-        print(f"\nopen the app on the result:  rlhf app --store {job.store}", flush=True)
+        print(
+            f"\nopen the app on the result (chat with each stage's model, pit them in the arena):\n"
+            f"  rlhf label users add admin --role admin --store {job.store}   # once: the app asks for a login\n"
+            f"  rlhf app --store {job.store}",
+            flush=True,
+        )
     return results
 
 
