@@ -11,7 +11,8 @@ Public names (the chat tab and the arena tab use these):
 - `ModelCache(store, max_models=3, max_bytes=None, engine="auto")`: `get(ref) -> LoadedPolicy` and
   `stream(ref, messages, settings, seed) -> Iterator[str]`; `loaded() -> list[str]`. Created in
   `build_app` and handed to the tabs that chat.
-- `CHECKPOINT_PREFIX`, `load_model(ref, store, engine)`: how a ref is loaded.
+- `CHECKPOINT_PREFIX`, `load_model(ref, store, engine)`: how a ref is loaded; `memory_budget()`: the
+  cache's default memory size (half the machine's memory).
 
 An intermediate PPO checkpoint is not an artifact and must never become `ppo:latest`, so it is listed
 from its run folder with a stage of its own (`ppo-checkpoint`) and a ref of its own
@@ -28,6 +29,7 @@ people chatting with the same model take turns, two with different models do not
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -197,6 +199,11 @@ def policy_bytes(policy: LoadedPolicy) -> int:
     """Memory a loaded policy holds: its weights, twice for the CPU engines (they keep a packed copy)."""
     weights = sum(t.numel() * t.element_size() for t in [*policy.model.parameters(), *policy.model.buffers()])
     return weights * (1 if policy.engine.name == "hf" else 2)
+
+
+def memory_budget(share: float = 0.5) -> int:
+    """Bytes of loaded models the app's cache may hold: `share` of this machine's physical memory."""
+    return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 # -- the cache -------------------------------------------------------------------------------------------
