@@ -123,7 +123,7 @@ def test_names_reach_the_page_only_after_the_vote_and_the_round_then_locks(arena
     assert vote.left.sampling == vote.right.sampling == {**SAMPLING.__dict__, "seed": round_.sampling["seed"]}
     rows, summary = leaderboard_view(settings, "")
     assert [row[1] for row in rows] == [labels[round_.right], labels[round_.left]] and summary.startswith(
-        "1 votes"
+        "1 vote."
     )
 
 

@@ -41,12 +41,7 @@ from pipeline.models import ModelError
 ANONYMOUS, NAMED = "Anonymous", "Named"
 MODES = {ANONYMOUS: "anonymous", NAMED: "named"}
 SIDES = ("Model A", "Model B")
-VOTE_LABELS = {
-    "left": "👈  A is better",
-    "right": "👉  B is better",
-    "tie": "🤝  Tie",
-    "both_bad": "👎  Both are bad",
-}
+VOTE_LABELS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 NO_REWARD = ""
 LEADERBOARD_COLUMNS = [
     "#",
@@ -236,7 +231,7 @@ def round_view(round_: Round | None, labels: dict[str, str], status: str) -> lis
 
 def status_of(round_: Round) -> str:
     if round_.verdict is not None:
-        return f"Voted: **{VOTE_LABELS[round_.verdict].split(maxsplit=1)[1]}**. Write a new prompt for the next round."
+        return f"Voted: **{VOTE_LABELS[round_.verdict]}**. Write a new prompt for the next round."
     if not round_.streamed:
         return "Both models are answering…"
     if not all(text.strip() for text in round_.replies):
@@ -271,7 +266,8 @@ def leaderboard_view(settings: AppSettings, reward_ref: str, seed: int = 0) -> t
         for place, s in enumerate(standings, 1)
     ]
     summary = (
-        f"{len(votes)} votes. Bradley-Terry ratings on the Elo scale (1000 is the mean model) with 95% bootstrap "
+        f"{len(votes)} vote{'' if len(votes) == 1 else 's'}. Bradley-Terry ratings on the Elo scale (1000 is "
+        "the mean model) with 95% bootstrap "
         "intervals; W/T/L counts wins, ties (both bad included) and losses; the win rate counts a tie as half."
     )
     if rm_scores is not None:
