@@ -89,7 +89,10 @@ def build(settings: AppSettings) -> RunsTab:
         elem_id="runs-table",
     )
     with gr.Row():
-        artifact = gr.Dropdown(label="Artifact", choices=[], elem_id="runs-artifact", scale=3)
+        # Filled per page load; an id is looked up in the store when shown, so any listed one works.
+        artifact = gr.Dropdown(
+            label="Artifact", choices=[], allow_custom_value=True, elem_id="runs-artifact", scale=3
+        )
         refresh = gr.Button("Refresh", size="sm", scale=0)
     with gr.Accordion("Lineage, metrics and config (as `rlhf artifacts show`)", open=False):
         details = gr.Code(language=None, elem_id="runs-details")
@@ -101,7 +104,9 @@ def build(settings: AppSettings) -> RunsTab:
             for _ in range(PLOTS)
         ]
     with gr.Group(visible=False) as samples_box:
-        step = gr.Dropdown(label="Logged samples at step", choices=[], elem_id="runs-step")
+        step = gr.Dropdown(
+            label="Logged samples at step", choices=[], allow_custom_value=True, elem_id="runs-step"
+        )
         samples = gr.Dataframe(headers=SAMPLE_COLUMNS, interactive=False, wrap=True, elem_id="runs-samples")
 
     def show(artifact_id: str | None, request: gr.Request):
