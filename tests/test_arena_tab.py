@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+from types import SimpleNamespace
 
 import pytest
 from app_helpers import label_db
@@ -136,3 +138,34 @@ def test_a_round_still_streaming_cannot_be_voted_on(arena):
         cast_vote(settings, "alice", None, "tie")
     view = round_view(round_, model_labels(settings), status_of(round_))
     assert refs[0] in view[2] and refs[1] in view[3]  # named mode: the person picked them, so they are shown
+
+
+class LockingCache:
+    """Streams as ModelCache gives them: each holds its model's lock from its first step to its end."""
+
+    def __init__(self) -> None:
+        self.locks = {"m1": threading.Lock(), "m2": threading.Lock()}
+        self.acquired: list[str] = []
+
+    def get(self, ref: str):
+        return SimpleNamespace(artifact_id=ref)
+
+    def stream(self, ref, messages, settings, seed):
+        assert self.locks[ref].acquire(timeout=5), f"waited 5 s for {ref}: the rounds deadlocked"
+        self.acquired.append(ref)
+        try:
+            yield from growing(f"{ref} says hello")
+        finally:
+            self.locks[ref].release()
+
+
+def test_two_rounds_of_the_same_models_on_opposite_sides_take_their_locks_in_one_order():
+    cache = LockingCache()
+    prompt = [{"role": "user", "content": "Hi"}]
+    rounds = [Round(f"{i}" * 22, "named", left, right, prompt, {**SAMPLING.__dict__, "seed": 0})
+              for i, (left, right) in enumerate([("m1", "m2"), ("m2", "m1")])]  # fmt: skip
+    for round_ in rounds:
+        *_, last = play(round_, cache)
+        assert last.replies == [f"{round_.left} says hello", f"{round_.right} says hello"]  # each on its side
+    # m1 first, whichever side it is on: a round waiting for m1 holds nothing another round needs.
+    assert cache.acquired == ["m1", "m2", "m1", "m2"]

@@ -143,9 +143,16 @@ def play(round_: Round, cache: ModelCache) -> Iterator[Round]:
         raise LabelError("one of this round's models could not be loaded: start a new round") from None
     settings = SamplingSettings(**{k: v for k, v in round_.sampling.items() if k != "seed"})
     seed = round_.sampling["seed"]
-    streams = [cache.stream(ref, round_.prompt, settings, seed) for ref in refs]
-    for left, right in side_by_side(*streams):
-        round_.replies = [left, right]
+    # A stream holds its model's lock from its first step to its end (ModelCache.stream). Two rounds of the
+    # same two models on opposite sides, each stepping its left stream first, would each hold one lock and
+    # wait for the other for ever; stepping them in one order everywhere (by ref) rules that out.
+    order = sorted((0, 1), key=lambda side: refs[side])
+    streams = [cache.stream(refs[side], round_.prompt, settings, seed) for side in order]
+    for texts in side_by_side(*streams):
+        replies = ["", ""]
+        for side, text in zip(order, texts, strict=True):
+            replies[side] = text
+        round_.replies = replies
         yield round_
     round_.streamed = True
     yield round_
