@@ -288,7 +288,9 @@ def build(settings: AppSettings, cache: ModelCache, rewards: RewardModels) -> Ch
             system = gr.Textbox(label="System prompt", lines=2, elem_id="chat-system")
             temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature")
             top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top_p")
-            max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="max_new_tokens")
+            max_new_tokens = gr.Slider(
+                1, 1024, value=256, step=1, label="max_new_tokens", elem_id="chat-max-new-tokens"
+            )
             seed = gr.Number(value=0, precision=0, label="seed")
             gr.Markdown(
                 "Editing one of your messages (the pencil on it) drops what came after it and answers anew. "
