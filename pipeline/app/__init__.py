@@ -7,6 +7,9 @@ imports.py   reading prompt and comparison files into tasks
 agreement.py agreement between annotators on the same task (pure functions)
 reports.py   progress and queue figures for the Progress and Admin tabs
 export.py    `rlhf label export`: the `labels` artifact the stages train on
+votes.py     arena votes and chat feedback: two more label kinds
+leaderboard.py Bradley-Terry ratings of the arena's models, bootstrap intervals, RM win rates
+arena.py     the Arena tab: two models on one prompt, names after the vote; its leaderboard
 generate.py  `rlhf label generate`: sample K completions per prompt into ranking tasks
 server.py    the Gradio app: login, one tab per task type (rank.py, write.py, progress.py, admin.py)
 session.py   what the tabs share: the app's settings, who is asking, how a refusal is shown

@@ -9,6 +9,7 @@ rlhf label generate --policy REF [--policy REF ...] --prompts FILE [--k 4] [--ov
                     [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--seed 0] [--engine auto]
 rlhf label status                                                       queue and labels per annotator
 rlhf label export                                                       publish a `labels` artifact
+rlhf label leaderboard [--reward REF] [--samples 1000] [--seed 0]        the arena's Bradley-Terry ratings
 rlhf app [--host 127.0.0.1] [--port 7860] [--guidelines FILE] [--lease-minutes 30]
          [--suggest-model REF ...] [--max_new_tokens 256] [--temperature 0.7] [--top_p 0.9] [--seed 0]
 
@@ -85,6 +86,12 @@ def label_main(argv: list[str]) -> int:
 
     sub.add_parser("status", parents=[common], help="tasks by state and labels per annotator")
     sub.add_parser("export", parents=[common], help="publish the live labels as a `labels` artifact")
+    board = sub.add_parser(
+        "leaderboard", parents=[common], help="Bradley-Terry ratings of the models in the arena's votes"
+    )
+    board.add_argument("--reward", help="reward artifact whose verdicts on the same votes are shown beside")
+    board.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    board.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resampling")
 
     args = parser.parse_args(argv)
     db = database(args)
@@ -98,6 +105,8 @@ def label_main(argv: list[str]) -> int:
         return generate_command(db, ArtifactStore(args.store), args)
     if args.action == "status":
         return status_command(db)
+    if args.action == "leaderboard":
+        return leaderboard_command(db, ArtifactStore(args.store), args)
     from pipeline.app.export import export_labels
 
     artifact = export_labels(db, ArtifactStore(args.store))
@@ -162,6 +171,33 @@ def status_command(db: LabelDB) -> int:
             f"  {row['user']:<16} {row['rankings']} rankings, {row['demonstrations']} demonstrations, "
             f"{row['prompts']} prompts, {row['undone']} undone, {row['discarded']} discarded"
         )
+    return 0
+
+
+def leaderboard_command(db: LabelDB, store: ArtifactStore, args: argparse.Namespace) -> int:
+    from pipeline.app.leaderboard import agreement, format_table, leaderboard, rm_verdicts
+    from pipeline.app.votes import arena_votes
+
+    if args.samples < 1:
+        raise LabelError(f"--samples must be at least 1, got {args.samples}")
+    votes = arena_votes(db)
+    if not votes:
+        print(f"no arena votes in {db.path} yet: vote in the app's Arena tab (`rlhf app`)")
+        return 0
+    rm_scores = None
+    if args.reward:
+        from pipeline.scoring import load_reward
+
+        rm_scores = rm_verdicts(votes, load_reward(args.reward, store))
+    standings = leaderboard(votes, rm_scores=rm_scores, samples=args.samples, seed=args.seed)
+    print(format_table(standings))
+    print(f"{len(votes)} votes; ratings on the Elo scale (1000: the mean model), 95% bootstrap intervals")
+    if rm_scores is not None:
+        agreed, decisive = agreement(votes, rm_scores)
+        if decisive:
+            print(
+                f"the reward model {args.reward} agrees with {agreed} of {decisive} decisive votes ({agreed / decisive:.0%})"
+            )
     return 0
 
 

@@ -17,9 +17,10 @@ SQLite's locks need a local disk: on a network filesystem they are unreliable, a
 none. So the database lies beside a local store (its root folder; the store ignores plain files) and
 must be named with `--db PATH` when the store is an S3 URL.
 
-Room for the chat tabs (issue 12): arena votes and chat feedback are further label kinds in `labels`
-(a vote's body is a K = 2 comparison with both models as provenance), and the models they name are
-added to `artifact_references`.
+Arena votes and chat feedback (issue 12) are further label kinds in `labels` (pipeline.app.votes), and
+the models they name are in `artifact_references`. Schema 2 added them with the `labels_kind` index; a
+schema-1 database is brought up to 2 when it is opened (the index comes from SCHEMA's IF NOT EXISTS), and
+an older app refuses a schema-2 database rather than ignore votes it does not know.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline.errors import UserError
 
 DB_NAME = "labels.db"
 BUSY_TIMEOUT_S = 60.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -85,7 +86,7 @@ CREATE INDEX IF NOT EXISTS leases_user ON leases (user, task_id);
 CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,              -- a retried or double-clicked submission finds its row here
-    kind TEXT NOT NULL,                    -- ranking, demonstration, prompt (issue 12 adds arena_vote, ...)
+    kind TEXT NOT NULL,                    -- ranking, demonstration, prompt, arena_vote, chat_feedback
     task_id INTEGER REFERENCES tasks (id), -- NULL for a dialogue or prompt written freely
     user TEXT NOT NULL REFERENCES users (name),
     body TEXT NOT NULL,                    -- JSON; see pipeline.app.tasks for each kind
@@ -96,6 +97,7 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE INDEX IF NOT EXISTS labels_task ON labels (task_id, user);
 CREATE INDEX IF NOT EXISTS labels_user ON labels (user, kind, id);
+CREATE INDEX IF NOT EXISTS labels_kind ON labels (kind, id);   -- schema 2: the arena's votes by kind
 CREATE TABLE IF NOT EXISTS retractions (
     label_id INTEGER PRIMARY KEY REFERENCES labels (id),
     by_user TEXT NOT NULL,
@@ -200,6 +202,8 @@ def open_db(path: str | Path, app_version: str = "unknown") -> LabelDB:
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('pseudonym_salt', ?)",
             (str(SCHEMA_VERSION), secrets.token_hex(16)),
         )
+        # Schema 1 -> 2 needs no change to existing rows: new label kinds and an index SCHEMA created above.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     return db
 
 
@@ -228,6 +232,16 @@ def artifact_references(db_path: Path) -> dict[str, list[str]]:
             "SELECT source.value, COUNT(DISTINCT labels.id) FROM labels, json_each(labels.body, '$.suggested_by') "
             "AS source WHERE labels.kind = 'demonstration' GROUP BY source.value ORDER BY source.value"
         ).fetchall()
+        # Retracted votes and ratings count too: a discarded label is kept, and so is what it names.
+        compared = conn.execute(
+            "SELECT json_extract(labels.body, '$.' || side.value || '.artifact_id') AS artifact, "
+            'COUNT(DISTINCT labels.id) FROM labels, json_each(\'["left", "right"]\') AS side '
+            "WHERE labels.kind = 'arena_vote' AND artifact IS NOT NULL GROUP BY artifact ORDER BY artifact"
+        ).fetchall()
+        rated = conn.execute(
+            "SELECT json_extract(body, '$.reply.artifact_id') AS artifact, COUNT(*) FROM labels "
+            "WHERE kind = 'chat_feedback' AND artifact IS NOT NULL GROUP BY artifact ORDER BY artifact"
+        ).fetchall()
     finally:
         conn.close()
     references: dict[str, list[str]] = {}
@@ -237,4 +251,8 @@ def artifact_references(db_path: Path) -> dict[str, list[str]]:
         )
     for artifact_id, demonstrations in suggested:
         references.setdefault(artifact_id, []).append(f"suggested drafts of {demonstrations} demonstrations")
+    for artifact_id, votes in compared:
+        references.setdefault(artifact_id, []).append(f"compared in {votes} arena votes")
+    for artifact_id, ratings in rated:
+        references.setdefault(artifact_id, []).append(f"rated in {ratings} chat feedback labels")
     return references

@@ -5,7 +5,9 @@ keeps running), so its files, counts and checksum all describe the same moment. 
 
     comparisons.jsonl    one canonical comparison per submitted ranking (ties kept as equal ranks), with
                          the annotator's pseudonym, flags, note, shown order, seconds, and per completion
-                         its provenance: the model and artifact that wrote it and the sampling settings
+                         its provenance: the model and artifact that wrote it and the sampling settings;
+                         and one per arena vote (K = 2, [left, right]): the better reply ranked 0, a tie
+                         or "both bad" as equal ranks (no training pair), with `verdict` and `both_bad`
     conversations.jsonl  the demonstrations (canonical conversations)
     prompts.jsonl        prompts written in prompt-only mode (canonical prompts, for PPO)
     parquet/             the same records as Parquet, plus every ranked pair in TRL's preference format,
@@ -35,6 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.app.agreement import agreement_summary
 from pipeline.app.db import LabelDB, LabelError
 from pipeline.app.tasks import ranks_from_tiers
+from pipeline.app.votes import ranks_of, vote_from_row
 from pipeline.datasets import validate_comparison, validate_conversation, validate_prompt, write_jsonl
 from pipeline.store import Artifact, ArtifactStore, file_sha256
 
@@ -67,9 +70,11 @@ def export_labels(db: LabelDB, store: ArtifactStore) -> Artifact:
             raise LabelError(f"nothing to export: {db.path} holds no submitted label that is not retracted")
         payload = Path(tmp) / "payload"
         files = write_payload(records, payload)
-        agreement = agreement_summary(rankings_by_task(records["comparisons"]))
+        rankings = [r for r in records["comparisons"] if r["task"] is not None]
+        agreement = agreement_summary(rankings_by_task(rankings))
         metrics = {
             "comparisons": len(records["comparisons"]),
+            "arena_votes": len(records["comparisons"]) - len(rankings),
             "conversations": len(records["conversations"]),
             "prompts": len(records["prompts"]),
             "preference_pairs": len(preference_pairs(records["comparisons"])),
@@ -120,6 +125,8 @@ def read_records(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
             records["prompts"].append(
                 validate_prompt({"id": f"prompt-{row['id']}", "prompt": body["prompt"]} | common)
             )
+        elif row["kind"] == "arena_vote":
+            records["comparisons"].append(validate_comparison(arena_comparison(row) | common))
     return records
 
 
@@ -147,6 +154,30 @@ def comparison(conn: sqlite3.Connection, row: sqlite3.Row, body: dict[str, Any])
             }
             for c in completions
         ],
+    }
+
+
+def arena_comparison(row: sqlite3.Row) -> dict[str, Any]:
+    """A vote as a K = 2 comparison, [left, right], with the same fields as a ranking's (no task, no flags)."""
+    vote = vote_from_row(row)
+    sides = (vote.left, vote.right)
+    return {
+        "id": f"arena-{vote.label_id}",
+        "prompt": vote.prompt,
+        "completions": [reply.text for reply in sides],
+        "ranks": ranks_of(vote.verdict),
+        "task": None,
+        "flags": [[], []],
+        "note": "",
+        "shown_order": [0, 1],
+        "seconds": None if vote.seconds is None else round(vote.seconds, 1),
+        "provenance": [
+            {"model": reply.model, "artifact_id": reply.artifact_id, "sampling": reply.sampling}
+            for reply in sides
+        ],
+        "verdict": vote.verdict,
+        "both_bad": vote.verdict == "both_bad",
+        "arena_mode": vote.mode,
     }
 
 
@@ -198,6 +229,13 @@ def lineage(records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [inputs[key] for key in sorted(inputs)]
 
 
+def same_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row with every column (null where it has none): Arrow takes the columns from the first row,
+    and a ranking first would otherwise drop the arena votes' `verdict` and `both_bad`."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in columns} for row in rows]
+
+
 def write_payload(records: dict[str, list[dict[str, Any]]], payload: Path) -> dict[str, int]:
     """JSON lines, Parquet and a dataset card for each non-empty record kind; the row count per file."""
     tables = {name: rows for name, rows in records.items() if rows}
@@ -209,13 +247,14 @@ def write_payload(records: dict[str, list[dict[str, Any]]], payload: Path) -> di
         if name in PAYLOAD_NAMES:
             write_jsonl(rows, payload / PAYLOAD_NAMES[name])
             files[PAYLOAD_NAMES[name]] = len(rows)
-        pq.write_table(pa.Table.from_pylist(rows), payload / "parquet" / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pylist(same_columns(rows)), payload / "parquet" / f"{name}.parquet")
         files[f"parquet/{name}.parquet"] = len(rows)
     configs = "".join(f"- config_name: {name}\n  data_files: {name}.parquet\n" for name in tables)
     (payload / "parquet" / "README.md").write_text(
         f"---\nconfigs:\n{configs}---\n\n# Labels exported from the rlhf-pipeline labelling app\n\n"
         "Configs: " + ", ".join(f"`{name}`" for name in tables) + ". `comparisons` are K-wise rankings "
-        "(lower rank is better, equal ranks are ties); `preference_pairs` expands them into TRL's "
+        "(lower rank is better, equal ranks are ties) and arena votes (K = 2, `verdict`, `both_bad`); "
+        "`preference_pairs` expands them into TRL's "
         "prompt/chosen/rejected format; `conversations` are demonstrations; `prompts` are prompts.\n",
         encoding="utf-8",
     )

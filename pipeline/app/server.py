@@ -1,9 +1,9 @@
 """The Gradio app: one login, one `gr.Blocks`, one tab per task type; each tab is its own module.
 
 Login is Gradio's (`launch(auth=...)`), checked against the database's password hashes; who is asking
-is then `gr.Request.username` (session.py). Tabs: Rank (rank.py), Write (write.py), Progress (progress.py) and, for admins, Admin (admin.py).
-The chat, arena and runs tabs of issue 12 are further modules added to `build_app` the same way, with
-their tables in the same database.
+is then `gr.Request.username` (session.py). Tabs: Rank (rank.py), Write (write.py), Chat (chat_tab.py),
+Runs (runs_tab.py), Progress (progress.py) and, for admins, Admin (admin.py). The tabs that chat share
+one cache of loaded models (catalog.ModelCache) made in `build_app`; their labels go to the same database.
 
 Concurrency: events that touch the database run on up to `DB_CONCURRENCY` threads (their writes queue
 on the database's lock and take a few milliseconds each); model suggestions run one at a time, since
@@ -16,7 +16,8 @@ import asyncio
 
 import gradio as gr
 
-from pipeline.app import admin, progress, rank, write
+from pipeline.app import admin, arena, chat_tab, progress, rank, runs_tab, write
+from pipeline.app.catalog import ModelCache, memory_budget
 from pipeline.app.db import LabelError
 from pipeline.app.session import HERE, AppSettings, current_user
 from pipeline.app.users import list_users, verify_login
@@ -25,6 +26,8 @@ DB_CONCURRENCY = 8
 
 
 def build_app(settings: AppSettings) -> gr.Blocks:
+    # One cache of loaded models for every tab that chats, made here so that each app has its own.
+    models = ModelCache(settings.store, engine=settings.engine, max_bytes=memory_budget())
     with gr.Blocks(title="RLHF labelling", analytics_enabled=False) as app:
         with gr.Row(elem_id="header"):
             gr.Markdown("### RLHF labelling", elem_id="title")
@@ -34,6 +37,12 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 rank_tab = rank.build(settings)
             with gr.Tab("Write", id="write"):
                 write_tab = write.build(settings)
+            with gr.Tab("Chat", id="chat"):
+                chat_view = chat_tab.build(settings, models, chat_tab.RewardModels(settings.store))
+            with gr.Tab("Arena", id="arena"):
+                arena_view = arena.build(settings, models)
+            with gr.Tab("Runs", id="runs"):
+                runs_view = runs_tab.build(settings)
             with gr.Tab("Progress", id="progress") as progress_block:
                 progress_tab = progress.build(settings)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
@@ -49,6 +58,9 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         app.load(greet, outputs=[whoami, admin_tab], api_visibility="private")
         rank.on_load(app, rank_tab, settings)
         write.on_load(app, write_tab)
+        chat_tab.on_load(app, chat_view, settings)
+        arena.on_load(app, arena_view, settings)
+        runs_tab.on_load(app, runs_view, settings)
         progress.on_load(app, progress_block, progress_tab, settings)
         admin.on_load(app, admin_tab, admin_view, settings)
     return app
