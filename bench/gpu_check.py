@@ -102,7 +102,9 @@ def stage(name: str, overrides: dict, work: Path, store: ArtifactStore):
 
     module = __import__(f"stages.{name}.train", fromlist=["Config", "run"])
     config = work / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(overrides | {"store": str(store.root), "output_dir": str(work / "runs")}))
+    config.write_text(
+        yaml.safe_dump(overrides | {"store": str(store.root), "output_dir": str(work / "runs")})
+    )
     cfg = load_config(module.Config, config, [])
     started = time.perf_counter()
     artifact = module.run(cfg, store)
@@ -114,7 +116,9 @@ def sft_tokens(tokenizer, steps: int, batch: int, max_length: int) -> int:
     from pipeline.chat import tokenize_conversation
 
     records = load_records(str(DEMO / "sft.jsonl"), "conversation").records
-    lengths = [min(len(tokenize_conversation(tokenizer, r["messages"]).input_ids), max_length) for r in records]
+    lengths = [
+        min(len(tokenize_conversation(tokenizer, r["messages"]).input_ids), max_length) for r in records
+    ]
     return int(sum(lengths) / len(lengths) * steps * batch)
 
 
@@ -124,7 +128,10 @@ def reward_tokens(tokenizer, steps: int, groups: int, max_length: int) -> int:
 
     records = load_records(str(DEMO / "comparisons.jsonl"), "comparison").records
     per_group = [
-        sum(len(tokenize_completion(tokenizer, r["prompt"], c, max_length).input_ids) for c in r["completions"])
+        sum(
+            len(tokenize_completion(tokenizer, r["prompt"], c, max_length).input_ids)
+            for c in r["completions"]
+        )
         for r in records
     ]
     return int(sum(per_group) / len(per_group) * steps * groups)
@@ -161,14 +168,19 @@ def check(size: str, args, tokenizer, work: Path, device: torch.device, peak: fl
     from pipeline.models import load_causal_lm
 
     lm = load_causal_lm(policy, store, dtype).to(device).eval()
-    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in load_records(str(DEMO / "prompts.jsonl"), "prompt").records[:16]]
+    prompts = [
+        prompt_ids(tokenizer, r["prompt"])
+        for r in load_records(str(DEMO / "prompts.jsonl"), "prompt").records[:16]
+    ]
     engines = ["hf"] + ([] if device.type == "cuda" else ["cpu-llama"])
     engines += [] if device.type == "cuda" or kernel_missing_reason() else ["cpu-kernel"]
     for name in engines:
         engine = make_engine(name, lm, stop_ids=[], pad_id=tokenizer.pad_token_id)
         started = time.perf_counter()
         engine.sync(lm)
-        seq = engine.sample(prompts, SamplingSettings(max_new_tokens=64), torch.Generator(device).manual_seed(0))
+        seq = engine.sample(
+            prompts, SamplingSettings(max_new_tokens=64), torch.Generator(device).manual_seed(0)
+        )
         synchronize(device)
         rate = seq.response.numel() / (time.perf_counter() - started)
         print(f"rollout {name:<10} {rate:9.0f} tokens/s (batch 16, 64 new tokens, sync included)", flush=True)
@@ -196,14 +208,22 @@ def check(size: str, args, tokenizer, work: Path, device: torch.device, peak: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokenizer", help="a folder with the tokenizer (default: the embedded base artifact's)")
+    parser.add_argument(
+        "--tokenizer", help="a folder with the tokenizer (default: the embedded base artifact's)"
+    )
     parser.add_argument("--store", default=os.environ.get("RLHF_STORE", str(REPO / "artifacts")))
-    parser.add_argument("--peak", type=float, help="the device's bf16 matmul peak in TFLOP/s (default: measured)")
-    parser.add_argument("--launch", choices=["zero3", "fsdp2"], help="also run PPO under this launcher config")
+    parser.add_argument(
+        "--peak", type=float, help="the device's bf16 matmul peak in TFLOP/s (default: measured)"
+    )
+    parser.add_argument(
+        "--launch", choices=["zero3", "fsdp2"], help="also run PPO under this launcher config"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     source = args.tokenizer or resolve_model(EMBEDDED_MODEL, ArtifactStore(args.store)).path

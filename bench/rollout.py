@@ -118,7 +118,10 @@ def main() -> None:
     ]
     n = args.new_tokens
     names = ["hf", "cpu-llama"] + ([] if kernel_missing_reason() else ["cpu-kernel"])
-    print(f"engines: {', '.join(names)}" + (f" (cpu-kernel: {kernel_missing_reason()})" if kernel_missing_reason() else ""))
+    print(
+        f"engines: {', '.join(names)}"
+        + (f" (cpu-kernel: {kernel_missing_reason()})" if kernel_missing_reason() else "")
+    )
     # stop_ids=[]: no early stop, every run makes exactly batch x n tokens.
     engines = {name: make_engine(name, model, stop_ids=[], pad_id=tokenizer.pad_token_id) for name in names}
     columns = ["generate", *names]

@@ -149,7 +149,10 @@ def inference_model(config, params: dict[str, Tensor], buffers: dict[str, Tensor
     for name, tensor in params.items():
         owner, _, key = name.rpartition(".")
         setattr(model.get_submodule(owner), key, nn.Parameter(tensor, requires_grad=False))
-    for name, tensor in buffers.items():  # an existing buffer's name: it stays a buffer, as persistent as it was
+    for (
+        name,
+        tensor,
+    ) in buffers.items():  # an existing buffer's name: it stays a buffer, as persistent as it was
         owner, _, key = name.rpartition(".")
         setattr(model.get_submodule(owner), key, tensor)
     if model.config.tie_word_embeddings:
