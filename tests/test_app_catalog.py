@@ -150,3 +150,15 @@ def test_a_ppo_checkpoint_loads_as_the_policy_its_run_published(checkpointed):
             for name, tensor in loaded.model.state_dict().items()
         ]
         assert (max(differences) < 1e-6) == expect_equal, max(differences)
+
+
+def test_rlhf_app_sizes_the_model_cache_and_refuses_zero(monkeypatch, tmp_path):
+    from pipeline import cli
+    from pipeline.app import server
+
+    built = {}
+    monkeypatch.setattr(server, "launch", lambda settings, **where: built.update(settings=settings))
+    common = ["app", "--store", str(tmp_path / "store"), "--db", str(tmp_path / "labels.db")]
+    assert cli.main([*common, "--max-models", "1"]) == 0
+    assert built["settings"].max_models == 1
+    assert cli.main([*common, "--max-models", "0"]) != 0  # one line naming the flag, no server

@@ -219,7 +219,12 @@ def app_main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="suggestion sampling temperature")
     parser.add_argument("--top_p", "--top-p", type=float, default=0.9, help="suggestion nucleus sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the suggestions' draws")
+    parser.add_argument(
+        "--max-models", type=int, default=3, help="models chat and arena keep loaded (least recently used go)"
+    )
     args = parser.parse_args(argv)
+    if args.max_models < 1:
+        raise LabelError(f"--max-models must be at least 1, got {args.max_models}")
     from pipeline.app.server import launch
     from pipeline.app.session import AppSettings
 
@@ -235,6 +240,7 @@ def app_main(argv: list[str]) -> int:
             "top_p": args.top_p,
         },
         seed=args.seed,
+        max_models=args.max_models,
     )
     if args.guidelines:
         try:

@@ -27,7 +27,9 @@ DB_CONCURRENCY = 8
 
 def build_app(settings: AppSettings) -> gr.Blocks:
     # One cache of loaded models for every tab that chats, made here so that each app has its own.
-    models = ModelCache(settings.store, engine=settings.engine, max_bytes=memory_budget())
+    models = ModelCache(
+        settings.store, engine=settings.engine, max_models=settings.max_models, max_bytes=memory_budget()
+    )
     with gr.Blocks(title="RLHF labelling", analytics_enabled=False) as app:
         with gr.Row(elem_id="header"):
             gr.Markdown("### RLHF labelling", elem_id="title")

@@ -44,6 +44,9 @@ class AppSettings:
     """pipeline.generation.SamplingSettings for suggestions."""
     seed: int = 0
     """Seed of the suggestions' draws: each suggestion takes the next seed of a generator seeded with it."""
+    max_models: int = 3
+    """Models the chat and arena tabs keep loaded (least recently used dropped first; also within half
+    the machine's memory)."""
 
 
 @contextmanager
