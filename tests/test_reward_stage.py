@@ -306,6 +306,7 @@ def test_full_fine_tuning_with_plackett_luce_reloads_the_same(tmp_path, store, t
         ({"loss": "plackett-luce", "margin": True}, "margin applies to the pairwise loss only"),
         ({"loss": "listwise"}, "loss must be one of pairwise, plackett-luce"),
         ({"eval_fraction": 0.0}, "eval_fraction must be in (0, 1)"),
+        ({"eval_limit": 0}, "eval_limit must be at least 1"),
         ({"max_steps": 0}, "max_steps must be positive or -1"),
     ],
 )
@@ -324,3 +325,18 @@ def test_margin_is_read_per_record_only_when_asked(tiny_tokenizer):
     packed = collate(with_margin, tiny_tokenizer.pad_token_id)
     assert packed["margins"].tolist() == [1.5] * len(records[0]["completions"])
     assert without[0].margin == 0.0
+
+
+def test_eval_limit_holds_out_a_seeded_subset_of_the_held_out_groups(tiny_tokenizer):
+    from stages.reward.train import Config, load_groups
+
+    data = str(REPO / "data" / "demo" / "comparisons.jsonl")
+    _, everything, _ = load_groups(Config(data=data, eval_data=data, max_length=128), tiny_tokenizer)
+    _, limited, _ = load_groups(
+        Config(data=data, eval_data=data, max_length=128, eval_limit=7), tiny_tokenizer
+    )
+    _, again, _ = load_groups(Config(data=data, eval_data=data, max_length=128, eval_limit=7), tiny_tokenizer)
+    key = lambda group: tuple(map(tuple, group.rows))  # noqa: E731
+    assert len(everything) > 7 and len(limited) == 7
+    assert {key(g) for g in limited} <= {key(g) for g in everything}
+    assert [key(g) for g in limited] == [key(g) for g in again]

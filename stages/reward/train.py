@@ -89,6 +89,8 @@ class Config:
     """Held-out comparisons; when unset, `eval_fraction` of the groups in `data` is held out."""
     eval_fraction: float = 0.1
     """Share of groups held out (chosen by `seed`) when `eval_data` is unset."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many held-out groups (a seeded choice); null: all of them."""
     skip_invalid: bool = False
     """Drop invalid records (and count them) instead of stopping at the first one."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -150,6 +152,8 @@ class Config:
         tracker_names(self.report_to)  # an unknown or missing tracker fails before any work
         if self.margin and self.loss != "pairwise":
             raise ValueError("margin applies to the pairwise loss only; set loss: pairwise or margin: false")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be at least 1 (or unset), got {self.eval_limit}")
         if self.normalise_limit is not None and self.normalise_limit < 1:
             raise ValueError(f"normalise_limit must be at least 1 (or unset), got {self.normalise_limit}")
         for name in ("eval_every", "logging_every", "checkpoint_every", "warmup_steps"):
@@ -315,6 +319,8 @@ def load_groups(
         train, held_out = tokenized["train"], tokenized["eval"]
     else:
         train, held_out = split_groups(tokenized["train"], cfg.eval_fraction, cfg.seed)
+    if cfg.eval_limit is not None and len(held_out) > cfg.eval_limit:
+        held_out = random.Random(cfg.seed).sample(held_out, cfg.eval_limit)
     if not train or not held_out:
         raise DataError(
             cfg.data, None, "<file>", f"{len(train)} training and {len(held_out)} held-out groups with a ranked "
