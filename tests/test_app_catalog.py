@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pipeline.app.catalog import (
     CHECKPOINT_PREFIX,
@@ -152,13 +153,15 @@ def test_a_ppo_checkpoint_loads_as_the_policy_its_run_published(checkpointed):
         assert (max(differences) < 1e-6) == expect_equal, max(differences)
 
 
-def test_rlhf_app_sizes_the_model_cache_and_refuses_zero(monkeypatch, tmp_path):
+def test_rlhf_app_sizes_the_model_cache_and_its_threads(monkeypatch, tmp_path):
     from pipeline import cli
     from pipeline.app import server
 
     built = {}
     monkeypatch.setattr(server, "launch", lambda settings, **where: built.update(settings=settings))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: built.update(threads=n))  # not this process's
     common = ["app", "--store", str(tmp_path / "store"), "--db", str(tmp_path / "labels.db")]
     assert cli.main([*common, "--max-models", "1"]) == 0
-    assert built["settings"].max_models == 1
+    assert built["settings"].max_models == 1 and built["threads"] == 1
+    assert cli.main([*common, "--threads", "2"]) == 0 and built["threads"] == 2
     assert cli.main([*common, "--max-models", "0"]) != 0  # one line naming the flag, no server

@@ -94,5 +94,6 @@ def test_the_app_command_parses(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_STORE", str(tmp_path / "store"))
     launched = {}
     monkeypatch.setattr("pipeline.app.server.launch", lambda settings, **where: launched.update(where))
+    monkeypatch.setattr("torch.set_num_threads", lambda threads: None)  # leave this process's threads be
     assert cli.main(argv) == 0
     assert launched == {"host": "0.0.0.0", "port": 7860}

@@ -222,7 +222,21 @@ def app_main(argv: list[str]) -> int:
     parser.add_argument(
         "--max-models", type=int, default=3, help="models chat and arena keep loaded (least recently used go)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per reply (default 1: people chatting at once then stream on cores of their own)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        raise LabelError(f"--threads must be at least 1, got {args.threads}")
+    # A decode step of a small model is hundreds of short parallel calls: with cores shared by other
+    # replies or jobs, each waits for a descheduled thread (bench/RESULTS.md, the chat path), while one
+    # thread per reply keeps every reply streaming.
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.max_models < 1:
         raise LabelError(f"--max-models must be at least 1, got {args.max_models}")
     from pipeline.app.server import launch
