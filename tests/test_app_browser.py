@@ -9,17 +9,15 @@ is kept under the test's output folder.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 
 import pytest
-from app_helpers import PASSWORDS, label_db, served
+from app_helpers import label_db, served
+from browser_helpers import chromium, playwright_or_skip, signed_in
 
 from pipeline.app import tasks
 from pipeline.app.tasks import Completion, NewTask
 
-CHROMIUM = "/usr/bin/chromium"
-INSTALL = "apt-get install -y chromium && pip install playwright"
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> ${window.__xss=3} {{x}}'
 PROMPT = [
     {"role": "system", "content": "Answer briefly."},
@@ -27,11 +25,7 @@ PROMPT = [
 ]
 COMPLETIONS = ["4", "Four.", XSS, "2 + 2 = 5"]
 
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM}; install it with: {INSTALL}", allow_module_level=True)
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason=f"no Playwright; install it with: {INSTALL}"
-)
+playwright_api = playwright_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -48,34 +42,13 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield chromium
-        chromium.close()
+    with chromium(playwright_api) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory):
     return tmp_path_factory.mktemp("screenshots")
-
-
-def signed_in(browser, url: str, user: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    assert page.request.post(f"{url}/login", form={"username": user, "password": PASSWORDS[user]}).ok
-    page.goto(url)
-    page.wait_for_selector("#whoami:has-text('Signed in as')", timeout=30_000)
-    return page
 
 
 def test_keyboard_only_ranking_with_a_tie_and_an_xss_completion_shown_as_text(app, browser, shots):

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 
 import pytest
-from app_helpers import PASSWORDS, label_db, served
+from app_helpers import label_db, served
+from browser_helpers import chromium, playwright_or_skip, signed_in
 from conftest import build_tiny_llama
 
-CHROMIUM = "/usr/bin/chromium"
-INSTALL = "apt-get install -y chromium && pip install playwright"
 PROMPT = "Write a haiku about <b>autumn</b>."
 
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM}; install it with: {INSTALL}", allow_module_level=True)
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason=f"no Playwright; install it with: {INSTALL}"
-)
+playwright_api = playwright_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +40,8 @@ def app(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
-        yield chromium
-        chromium.close()
+    with chromium(playwright_api) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +54,6 @@ def printable(text: str) -> str:
     around the odd characters it writes (line and paragraph separators among them) is laid out by the
     browser in ways its inner text does not repeat exactly."""
     return "".join(re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text).split())
-
-
-def signed_in(browser, url: str, user: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    assert page.request.post(f"{url}/login", form={"username": user, "password": PASSWORDS[user]}).ok
-    page.goto(url)
-    page.wait_for_selector("#whoami:has-text('Signed in as')", timeout=30_000)
-    return page
 
 
 def test_names_are_revealed_only_after_the_vote(app, browser, shots):

@@ -7,19 +7,11 @@ then draws the ppo run's curves. Screenshots are kept under the test's output fo
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from app_helpers import PASSWORDS, label_db, served
+from app_helpers import label_db, served
+from browser_helpers import chromium, playwright_or_skip, signed_in
 
-CHROMIUM = "/usr/bin/chromium"
-INSTALL = "apt-get install -y chromium && pip install playwright"
-
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM}; install it with: {INSTALL}", allow_module_level=True)
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason=f"no Playwright; install it with: {INSTALL}"
-)
+playwright_api = playwright_or_skip()
 
 # Every change of the last reply's text while it streams, recorded in the page.
 WATCH_REPLIES = """
@@ -40,17 +32,8 @@ def page(tmp_path_factory, artifact_chain):
 
     db = label_db(tmp_path_factory.mktemp("browser_chat"))
     with served(AppSettings(db=db, store=artifact_chain.store, engine="hf")) as url:
-        with playwright_api.sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
-            )
-            page = chromium.new_page(viewport={"width": 1280, "height": 1000})
-            login = {"username": "alice", "password": PASSWORDS["alice"]}
-            assert page.request.post(f"{url}/login", form=login).ok
-            page.goto(url)
-            page.wait_for_selector("#whoami:has-text('Signed in as')", timeout=30_000)
-            yield page
-            chromium.close()
+        with chromium(playwright_api) as browser:
+            yield signed_in(browser, url, "alice", height=1000)
 
 
 def pick(page, dropdown: str, text: str) -> None:
