@@ -15,6 +15,7 @@ from conftest import seeded
 from pipeline.app import tasks
 from pipeline.app.catalog import ModelCache
 from pipeline.app.chat_tab import (
+    Answer,
     ChatSettings,
     Conversation,
     RewardModels,
@@ -198,3 +199,27 @@ def test_the_served_chat_streams_through_the_client(tmp_path, artifact_chain):
         assert re.search(rf"{artifact_chain.ppo.id} · seed 7", final), final
         text = final.split("\n\n<sub>")[0]
         assert any(r != final and text.startswith(r) for r in replies[1:-1] if r != "…")
+
+
+class BrokenCache:
+    """A model whose reply fails after a few words."""
+
+    def stream(self, ref, messages, settings, seed):
+        yield "Hello"
+        raise RuntimeError("the model broke mid-reply")
+
+
+def test_a_message_whose_reply_failed_is_not_kept():
+    from pipeline.app.chat_tab import draw_or_forget
+
+    conversation = Conversation(turns=[Turn("Hi")])
+    conversation.turns[0].answers.append(Answer("Hello!", "m", "m-id", {}))
+    conversation.turns.append(Turn("And then?"))
+    chosen = ChatSettings("m", "", "", 0.7, 0.9, 8, 0)
+    with pytest.raises(RuntimeError, match="broke"):
+        for _ in draw_or_forget(conversation, 1, chosen, BrokenCache(), rewards=None):
+            pass
+    assert [turn.user for turn in conversation.turns] == [
+        "Hi"
+    ]  # the answered turn stays, the failed one goes
+    assert conversation.prompt(0) == [{"role": "user", "content": "Hi"}]

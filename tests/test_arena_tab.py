@@ -169,3 +169,28 @@ def test_two_rounds_of_the_same_models_on_opposite_sides_take_their_locks_in_one
         assert last.replies == [f"{round_.left} says hello", f"{round_.right} says hello"]  # each on its side
     # m1 first, whichever side it is on: a round waiting for m1 holds nothing another round needs.
     assert cache.acquired == ["m1", "m2", "m1", "m2"]
+
+
+class FailingCache(LockingCache):
+    """m2's stream fails after its first step, while m1's is still going."""
+
+    def stream(self, ref, messages, settings, seed):
+        if ref == "m1":
+            yield from super().stream(ref, messages, settings, seed)
+            return
+        yield "m2 starts"
+        raise RuntimeError("m2 broke mid-reply")
+
+
+def test_a_failing_stream_releases_the_other_models_lock_at_once():
+    cache = FailingCache()
+    round_ = Round(
+        "k" * 22, "named", "m1", "m2", [{"role": "user", "content": "Hi"}], {**SAMPLING.__dict__, "seed": 0}
+    )
+    with pytest.raises(RuntimeError, match="m2 broke") as failure:
+        for _ in play(round_, cache):
+            pass
+    # Gradio keeps the exception, and its traceback the failed frames: the lock must be released when play
+    # ends, not when those frames are collected.
+    assert failure.traceback, "the failure is kept, as Gradio keeps it"
+    assert cache.locks["m1"].acquire(blocking=False), "m1's lock is still held after the round failed"

@@ -35,8 +35,8 @@ from pipeline.app.render import chat_html
 from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.tasks import Submitted
 from pipeline.app.votes import VERDICTS, Reply, arena_votes, record_arena_vote
+from pipeline.errors import UserError
 from pipeline.generation import SamplingSettings
-from pipeline.models import ModelError
 
 ANONYMOUS, NAMED = "Anonymous", "Named"
 MODES = {ANONYMOUS: "anonymous", NAMED: "named"}
@@ -137,7 +137,7 @@ def play(round_: Round, cache: ModelCache) -> Iterator[Round]:
     refs = (round_.left, round_.right)
     try:
         round_.artifact_ids = [cache.get(ref).artifact_id for ref in refs]
-    except ModelError as err:
+    except UserError as err:  # a model, store or checkpoint that cannot be loaded, said in one line
         if round_.mode == "named":
             raise LabelError(str(err)) from None
         raise LabelError("one of this round's models could not be loaded: start a new round") from None
@@ -148,12 +148,18 @@ def play(round_: Round, cache: ModelCache) -> Iterator[Round]:
     # wait for the other for ever; stepping them in one order everywhere (by ref) rules that out.
     order = sorted((0, 1), key=lambda side: refs[side])
     streams = [cache.stream(refs[side], round_.prompt, settings, seed) for side in order]
-    for texts in side_by_side(*streams):
-        replies = ["", ""]
-        for side, text in zip(order, texts, strict=True):
-            replies[side] = text
-        round_.replies = replies
-        yield round_
+    try:
+        for texts in side_by_side(*streams):
+            replies = ["", ""]
+            for side, text in zip(order, texts, strict=True):
+                replies[side] = text
+            round_.replies = replies
+            yield round_
+    finally:
+        # When one stream fails (or the page goes away), the other must release its model's lock now, not
+        # when the garbage collector reaches the failed frames.
+        for stream in streams:
+            stream.close()
     round_.streamed = True
     yield round_
 
@@ -185,6 +191,8 @@ def cast_vote(settings: AppSettings, user: str, round_: Round | None, verdict: s
         mode=round_.mode,
         seconds=time.time() - round_.started,
     )
+    if saved.duplicate:  # a second click raced the first: the page shows what was stored
+        raise LabelError("this round has its vote: start a new round with a new prompt")
     round_.verdict = verdict
     return saved
 

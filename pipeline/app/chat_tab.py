@@ -31,6 +31,7 @@ from pipeline.app.catalog import ModelCache, list_models, list_reward_models
 from pipeline.app.db import LabelError
 from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.votes import Reply, record_chat_feedback
+from pipeline.errors import UserError
 from pipeline.generation import SamplingSettings
 from pipeline.scoring import LoadedRewardModel, load_reward
 from pipeline.store import ArtifactStore
@@ -188,6 +189,22 @@ def draw(
     yield conversation, None
 
 
+def draw_or_forget(
+    conversation: Conversation,
+    index: int,
+    chosen: ChatSettings,
+    cache: ModelCache,
+    rewards: RewardModels,
+) -> Iterator[tuple[Conversation, str | None]]:
+    """`draw`, except that a message left with no reply (an error, or the page gone mid-stream) is dropped:
+    kept, later prompts would carry an empty assistant turn and the Chatbot's numbering would shift."""
+    try:
+        yield from draw(conversation, index, chosen, cache, rewards)
+    finally:
+        if index < len(conversation.turns) and not conversation.turns[index].answers:
+            del conversation.turns[index:]
+
+
 def ranking_task(conversation: Conversation, index: int, user: str) -> tasks.NewTask:
     """A turn's distinct replies as a ranking task of the labelling queue."""
     turn = conversation.turns[index]
@@ -311,29 +328,33 @@ def build(settings: AppSettings, cache: ModelCache, rewards: RewardModels) -> Ch
             raise gr.Error(f"no reward model {picked.reward!r} in the store: pick one from the list")
         return picked
 
-    def streamed(conv: Conversation, index: int, values: dict) -> Iterator[tuple]:
-        for now, text in draw(conv, index, chosen(values), cache, rewards):
-            yield now.chatbot(streaming=text), now, ""
+    def streamed(conv: Conversation, index: int, picked: ChatSettings) -> Iterator[tuple]:
+        try:
+            for now, text in draw_or_forget(conv, index, picked, cache, rewards):
+                yield now.chatbot(streaming=text), now, ""
+        except UserError as err:  # a model, store or checkpoint that cannot be loaded, said in one line
+            raise gr.Error(str(err)) from None
 
     def on_send(values: dict, request: gr.Request):
         current_user(settings, request)
         conv, text = values[conversation] or Conversation(), values[message]
         if not text.strip():
             raise gr.Error("write a message first")
+        picked = chosen(values)  # before the message is added: a refused setting leaves no turn behind
         if not conv.turns:
             conv.system = values[
                 system
             ]  # the conversation's own: a changed system prompt applies after Clear
         conv.turns.append(Turn(text.strip()))
         yield conv.chatbot(streaming=""), conv, ""
-        yield from streamed(conv, len(conv.turns) - 1, values)
+        yield from streamed(conv, len(conv.turns) - 1, picked)
 
     def on_regenerate(values: dict, request: gr.Request):
         current_user(settings, request)
         conv = values[conversation]
         if conv is None or not conv.turns:
             raise gr.Error("nothing to regenerate yet")
-        yield from streamed(conv, len(conv.turns) - 1, values)
+        yield from streamed(conv, len(conv.turns) - 1, chosen(values))
 
     def on_edit(values: dict, edit: gr.EditData, request: gr.Request):
         current_user(settings, request)
@@ -341,9 +362,10 @@ def build(settings: AppSettings, cache: ModelCache, rewards: RewardModels) -> Ch
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         if index % 2 or index // 2 >= len(conv.turns):
             raise gr.Error("only your own messages can be edited")
+        picked = chosen(values)
         del conv.turns[index // 2 + 1 :]
         conv.turns[index // 2] = Turn(str(edit.value).strip())
-        yield from streamed(conv, index // 2, values)
+        yield from streamed(conv, index // 2, picked)
 
     def on_clear(request: gr.Request):
         current_user(settings, request)
