@@ -352,8 +352,20 @@ def build(settings: AppSettings, cache: ModelCache, rng: random.Random | None = 
                 refresh = gr.Button("Refresh", scale=1, elem_id="arena-refresh")
             table = gr.Dataframe(headers=LEADERBOARD_COLUMNS, interactive=False, elem_id="arena-table")
             summary = gr.Markdown(elem_id="arena-summary")
-    tab = ArenaTab(state, mode, left_model, right_model, prompt_view, (left_title, right_title),
-                   (left_panel, right_panel), status, votes, reward, table, summary)  # fmt: skip
+    tab = ArenaTab(
+        state=state,
+        mode=mode,
+        left_model=left_model,
+        right_model=right_model,
+        prompt_view=prompt_view,
+        titles=(left_title, right_title),
+        panels=(left_panel, right_panel),
+        status=status,
+        votes=votes,
+        reward=reward,
+        table=table,
+        summary=summary,
+    )
 
     def on_mode(chosen: str):
         if chosen != NAMED:

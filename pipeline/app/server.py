@@ -2,7 +2,7 @@
 
 Login is Gradio's (`launch(auth=...)`), checked against the database's password hashes; who is asking
 is then `gr.Request.username` (session.py). Tabs: Rank (rank.py), Write (write.py), Chat (chat_tab.py),
-Runs (runs_tab.py), Progress (progress.py) and, for admins, Admin (admin.py). The tabs that chat share
+Arena (arena.py), Runs (runs_tab.py), Progress (progress.py) and, for admins, Admin (admin.py). The tabs that chat share
 one cache of loaded models (catalog.ModelCache) made in `build_app`; their labels go to the same database.
 
 Concurrency: events that touch the database run on up to `DB_CONCURRENCY` threads (their writes queue
