@@ -210,14 +210,12 @@ class BrokenCache:
 
 
 def test_a_message_whose_reply_failed_is_not_kept():
-    from pipeline.app.chat_tab import draw_or_forget
-
     conversation = Conversation(turns=[Turn("Hi")])
     conversation.turns[0].answers.append(Answer("Hello!", "m", "m-id", {}))
     conversation.turns.append(Turn("And then?"))
     chosen = ChatSettings("m", "", "", 0.7, 0.9, 8, 0)
     with pytest.raises(RuntimeError, match="broke"):
-        for _ in draw_or_forget(conversation, 1, chosen, BrokenCache(), rewards=None):
+        for _ in draw(conversation, 1, chosen, BrokenCache(), rewards=None):
             pass
     assert [turn.user for turn in conversation.turns] == [
         "Hi"

@@ -169,39 +169,27 @@ def draw(
     rewards: RewardModels,
 ) -> Iterator[tuple[Conversation, str | None]]:
     """Draw one more reply for turn `index` (the last turn): (conversation, text so far) while it streams,
-    then (conversation, None) with the reply added and scored."""
-    if not chosen.model:
-        raise gr.Error("pick a model first")
+    then (conversation, None) with the reply added and scored. A message left with no reply (an error, or
+    the page gone mid-stream) is dropped: kept, later prompts would carry an empty assistant turn and the
+    Chatbot's numbering would shift."""
     turn = conversation.turns[index]
-    prompt = conversation.prompt(index)
-    settings = chosen.sampling()
-    seed = int(chosen.seed) + len(turn.answers)
-    yield conversation, ""
-    text = ""
-    for text in cache.stream(chosen.model, prompt, settings, seed):
-        yield conversation, text
-    policy = cache.get(chosen.model)
-    sampling = asdict(settings) | {"seed": seed}
-    answer = Answer(text, chosen.model, policy.artifact_id, sampling)
-    if chosen.reward:
-        answer.score = rewards.score(chosen.reward, prompt, text)
-    turn.answers.append(answer)
-    yield conversation, None
-
-
-def draw_or_forget(
-    conversation: Conversation,
-    index: int,
-    chosen: ChatSettings,
-    cache: ModelCache,
-    rewards: RewardModels,
-) -> Iterator[tuple[Conversation, str | None]]:
-    """`draw`, except that a message left with no reply (an error, or the page gone mid-stream) is dropped:
-    kept, later prompts would carry an empty assistant turn and the Chatbot's numbering would shift."""
     try:
-        yield from draw(conversation, index, chosen, cache, rewards)
+        prompt = conversation.prompt(index)
+        settings = chosen.sampling()
+        seed = int(chosen.seed) + len(turn.answers)
+        yield conversation, ""
+        text = ""
+        for text in cache.stream(chosen.model, prompt, settings, seed):
+            yield conversation, text
+        policy = cache.get(chosen.model)
+        sampling = asdict(settings) | {"seed": seed}
+        answer = Answer(text, chosen.model, policy.artifact_id, sampling)
+        if chosen.reward:
+            answer.score = rewards.score(chosen.reward, prompt, text)
+        turn.answers.append(answer)
+        yield conversation, None
     finally:
-        if index < len(conversation.turns) and not conversation.turns[index].answers:
+        if not turn.answers and index < len(conversation.turns) and conversation.turns[index] is turn:
             del conversation.turns[index:]
 
 
@@ -330,7 +318,7 @@ def build(settings: AppSettings, cache: ModelCache, rewards: RewardModels) -> Ch
 
     def streamed(conv: Conversation, index: int, picked: ChatSettings) -> Iterator[tuple]:
         try:
-            for now, text in draw_or_forget(conv, index, picked, cache, rewards):
+            for now, text in draw(conv, index, picked, cache, rewards):
                 yield now.chatbot(streaming=text), now, ""
         except UserError as err:  # a model, store or checkpoint that cannot be loaded, said in one line
             raise gr.Error(str(err)) from None
