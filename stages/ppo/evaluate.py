@@ -93,11 +93,7 @@ class Evaluation:
             rows = []
             for (name, i, _), reply in self.sft.items():
                 if name == eval_set.name:
-                    row = {"prompt": i, "score": reply.proxy, "kl": 0.0, "length": reply.length,
-                           "words": len(reply.text.split()), "win": 0.5}  # fmt: skip
-                    if self.judge is not None:
-                        row |= {"judge_score": reply.judge, "judge_win": 0.5}
-                    rows.append(row)
+                    rows.append(compared(i, reply, reply, judged=self.judge is not None))
             metrics |= {eval_set.prefix + key: value for key, value in summarise(gather_object(rows)).items()}
         return metrics
 
@@ -122,10 +118,7 @@ class Evaluation:
             rows = []
             for (i, sample), ours in self.answer(eval_set, critic, policy=policy):
                 theirs = self.sft[(eval_set.name, i, sample)]
-                row = {"prompt": i, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
-                       "words": len(ours.text.split()), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
-                if self.judge is not None:
-                    row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
+                row = compared(i, ours, theirs, judged=self.judge is not None)
                 if sample == 0 and i < PAIRS_PER_SET:
                     row["pair"] = {"set": eval_set.name, "prompt": eval_set.messages[i], "policy": ours.shown(),
                                    "sft": theirs.shown()}  # fmt: skip
@@ -168,6 +161,16 @@ class Evaluation:
     def judge_score(self, prompt: list[Message], text: str) -> float:
         (raw,) = self.judge.score(prompt, [text])
         return self.judge.normalise(raw)
+
+
+def compared(prompt: int, ours: Reply, theirs: Reply, *, judged: bool) -> dict[str, float]:
+    """One row of an evaluation: our reply's measures, and whether it beat the SFT reply to the same
+    prompt and sample (the SFT reply against itself: KL 0, a win of 0.5)."""
+    row = {"prompt": prompt, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
+           "words": len(ours.text.split()), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
+    if judged:
+        row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
+    return row
 
 
 def win(ours: float, theirs: float) -> float:

@@ -129,6 +129,20 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc="ppo", disable=not (acc.is_main_process and cfg.progress)
     )
+
+    def save_state(*, keep: int, inspect: bool = False) -> Path:
+        """A checkpoint of everything the run needs to go on exactly (an inspect- one when it diverged)."""
+        return checkpoint.save(
+            run_dir,
+            acc,
+            trained=trained,
+            state=state,
+            config=to_dict(cfg),
+            generator=generator,
+            keep=keep,
+            inspect=inspect,
+        )
+
     started, episodes = time.perf_counter(), 0
     while state.step < cfg.steps:
         tick = time.perf_counter()
@@ -171,30 +185,13 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         state.kl_controller = kl_control.state_dict()
         problem = health_problem(metrics, cfg.max_kl)
         if problem is not None:
-            saved = checkpoint.save(
-                run_dir,
-                acc,
-                trained=trained,
-                state=state,
-                config=to_dict(cfg),
-                generator=generator,
-                keep=1,
-                inspect=True,
-            )
+            saved = save_state(keep=1, inspect=True)
             raise TrainingDiverged(f"step {state.step}: {problem}; the state is saved in {saved} to inspect")
         log_step(acc, state.history[-1], state.samples)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}")
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            checkpoint.save(
-                run_dir,
-                acc,
-                trained=trained,
-                state=state,
-                config=to_dict(cfg),
-                generator=generator,
-                keep=cfg.keep_checkpoints,
-            )
+            save_state(keep=cfg.keep_checkpoints)
     bar.close()
     summary = summarize(state.history, episodes, time.perf_counter() - started)
     pairs = evaluation.pairs if evaluation is not None else []
