@@ -13,12 +13,11 @@ from app_helpers import PASSWORDS, label_db, served
 from conftest import seeded
 
 from pipeline.app import tasks
-from pipeline.app.catalog import ModelCache
+from pipeline.app.catalog import ModelCache, RewardModels
 from pipeline.app.chat_tab import (
     Answer,
     ChatSettings,
     Conversation,
-    RewardModels,
     Turn,
     draw,
     rate,

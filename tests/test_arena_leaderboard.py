@@ -143,7 +143,7 @@ def test_rlhf_label_leaderboard_prints_the_table_with_the_reward_models_verdicts
     store = ArtifactStore(tmp_path / "store")
     at = ["--store", str(store.root)]
     assert main(["label", "leaderboard", *at]) == 0
-    assert "no arena votes" in capsys.readouterr().out
+    assert "no anonymous arena votes" in capsys.readouterr().out
     rm_dir = build_liking_reward_model(tiny_tokenizer, tmp_path / "rm")
     write_card(
         rm_dir, {"kind": "reward", "reward_mean": REWARD_MEAN, "reward_std": REWARD_STD, "max_length": 64}
@@ -156,11 +156,14 @@ def test_rlhf_label_leaderboard_prints_the_table_with_the_reward_models_verdicts
         left, right = ("sft-1", "ppo-2") if i % 2 == 0 else ("ppo-2", "sft-1")
         record_arena_vote(db, "ann", f"vote-key-{i:08d}", PROMPT, Reply(replies[left], left, left),
                           Reply(replies[right], right, right), verdict)  # fmt: skip
+    # Named mode: the voter saw the names first, so this vote is kept but rates nobody.
+    record_arena_vote(db, "ann", "vote-key-named00", PROMPT, Reply(replies["sft-1"], "sft-1", "sft-1"),
+                      Reply(replies["ppo-2"], "ppo-2", "ppo-2"), "right", mode="named")  # fmt: skip
     loaded = load_reward(reward.id, store)
     raw = loaded.score(PROMPT, [replies["sft-1"], replies["ppo-2"]])
     assert raw[0] != raw[1]
     rm_prefers = "sft-1" if raw[0] > raw[1] else "ppo-2"
-    votes = arena_votes(db)
+    votes = [vote for vote in arena_votes(db) if vote.mode == "anonymous"]
     assert rm_verdicts(votes, loaded) == [1.0 if v.left.player == rm_prefers else 0.0 for v in votes]
 
     assert main(["label", "leaderboard", *at, "--reward", reward.id, "--samples", "50"]) == 0
@@ -172,7 +175,8 @@ def test_rlhf_label_leaderboard_prints_the_table_with_the_reward_models_verdicts
     assert rows["sft-1"][-3:] == ["0", "62%", "100%" if rm_prefers == "sft-1" else "0%"]
     assert rows["sft-1"][0] == "1" and rows["sft-1"][6:8] == ["4", "2/1/1"]
     assert out[3] == "4 votes; ratings on the Elo scale (1000: the mean model), 95% bootstrap intervals"
+    assert out[4] == "1 named-mode votes are not rated: their voters saw the models' names first"
     agreed = 2 if rm_prefers == "sft-1" else 1
     assert (
-        out[4] == f"the reward model {reward.id} agrees with {agreed} of 3 decisive votes ({agreed / 3:.0%})"
+        out[5] == f"the reward model {reward.id} agrees with {agreed} of 3 decisive votes ({agreed / 3:.0%})"
     )

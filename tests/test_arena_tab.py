@@ -25,10 +25,10 @@ from pipeline.app.arena import (
     side_by_side,
     status_of,
 )
-from pipeline.app.catalog import ModelCache
+from pipeline.app.catalog import ModelCache, RewardModels
 from pipeline.app.db import LabelError
 from pipeline.app.session import AppSettings
-from pipeline.app.votes import arena_votes
+from pipeline.app.votes import Reply, arena_votes, record_arena_vote
 from pipeline.generation import SamplingSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,10 +123,16 @@ def test_names_reach_the_page_only_after_the_vote_and_the_round_then_locks(arena
     assert (vote.left.artifact_id, vote.right.artifact_id) == (round_.left, round_.right)
     assert [vote.left.text, vote.right.text] == round_.replies
     assert vote.left.sampling == vote.right.sampling == {**SAMPLING.__dict__, "seed": round_.sampling["seed"]}
-    rows, summary = leaderboard_view(settings, "")
+    rows, summary = leaderboard_view(settings, "", rewards=RewardModels(settings.store))
     assert [row[1] for row in rows] == [labels[round_.right], labels[round_.left]] and summary.startswith(
         "1 vote."
     )
+    # A named-mode vote the other way round is kept but rates nobody: its voter saw the names first.
+    record_arena_vote(settings.db, "alice", "named-vote-key-0001", round_.prompt,
+                      Reply("a", round_.left, round_.left), Reply("b", round_.right, round_.right), "left",
+                      mode="named")  # fmt: skip
+    named_rows, summary = leaderboard_view(settings, "", rewards=RewardModels(settings.store))
+    assert named_rows == rows and "1 named-mode vote not rated" in summary
 
 
 def test_a_round_still_streaming_cannot_be_voted_on(arena):

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 
 import gradio as gr
 
-from pipeline.app.catalog import ModelCache, list_models, list_reward_models
+from pipeline.app.catalog import ModelCache, RewardModels, list_models, list_reward_models
 from pipeline.app.db import LabelError
-from pipeline.app.leaderboard import agreement, leaderboard, rm_verdicts
+from pipeline.app.leaderboard import agreement, blind, leaderboard, rm_verdicts
 from pipeline.app.render import chat_html
 from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.tasks import Submitted
@@ -254,16 +254,20 @@ def status_of(round_: Round) -> str:
     return "Which reply is better? Vote to see which models they were."
 
 
-def leaderboard_view(settings: AppSettings, reward_ref: str, seed: int = 0) -> tuple[list[list], str]:
-    """The leaderboard's rows and a line under it; with a reward model, its verdicts beside the human ones."""
-    votes = arena_votes(settings.db)
+def leaderboard_view(
+    settings: AppSettings, reward_ref: str, *, rewards: RewardModels, seed: int = 0
+) -> tuple[list[list], str]:
+    """The leaderboard's rows and a line under it; with a reward model (loaded once, through `rewards`, the
+    cache the chat scores with), its verdicts beside the human ones."""
+    every_vote = arena_votes(settings.db)
+    votes = blind(every_vote)
+    named = len(every_vote) - len(votes)
     if not votes:
-        return [], "No arena votes yet."
+        return [], f"No anonymous arena votes yet{f' ({named} named, which are not rated)' if named else ''}."
     rm_scores = None
     if reward_ref:
-        from pipeline.scoring import load_reward
-
-        rm_scores = rm_verdicts(votes, load_reward(reward_ref, settings.store))
+        with rewards.lock:
+            rm_scores = rm_verdicts(votes, rewards.get(reward_ref))
     standings = leaderboard(votes, rm_scores=rm_scores, seed=seed)
     labels = model_labels(settings)
     rows = [
@@ -285,6 +289,10 @@ def leaderboard_view(settings: AppSettings, reward_ref: str, seed: int = 0) -> t
         "the mean model) with 95% bootstrap "
         "intervals; W/T/L counts wins, ties (both bad included) and losses; the win rate counts a tie as half."
     )
+    if named:
+        summary += (
+            f" {named} named-mode vote{'' if named == 1 else 's'} not rated: the names were shown first."
+        )
     if rm_scores is not None:
         agreed, decisive = agreement(votes, rm_scores)
         if decisive:
@@ -292,7 +300,9 @@ def leaderboard_view(settings: AppSettings, reward_ref: str, seed: int = 0) -> t
     return rows, summary
 
 
-def build(settings: AppSettings, cache: ModelCache, rng: random.Random | None = None) -> ArenaTab:
+def build(
+    settings: AppSettings, cache: ModelCache, rewards: RewardModels, rng: random.Random | None = None
+) -> ArenaTab:
     """The tab's components and events; `rng` draws the models and sides (default: the system's randomness)."""
     rng = rng or random.SystemRandom()
     state = gr.State(None)
@@ -398,7 +408,7 @@ def build(settings: AppSettings, cache: ModelCache, rng: random.Random | None = 
 
     def on_refresh(reward_ref: str):
         with shown_as_error():
-            rows, line = leaderboard_view(settings, reward_ref or NO_REWARD)
+            rows, line = leaderboard_view(settings, reward_ref or NO_REWARD, rewards=rewards)
         return gr.Dataframe(value=rows, headers=LEADERBOARD_COLUMNS), line
 
     mode.change(on_mode, [mode], [left_model, right_model], api_visibility="private")

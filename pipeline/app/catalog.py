@@ -52,6 +52,7 @@ from pipeline.models import (
     match_vocab,
     resolve_model,
 )
+from pipeline.scoring import LoadedRewardModel, load_reward
 from pipeline.store import Artifact, ArtifactStore
 
 MODEL_STAGES = ("base", "sft", "ppo")
@@ -290,3 +291,23 @@ class ModelCache:
             or (self.max_bytes is not None and sum(s.size for s in self.slots.values()) > self.max_bytes)
         ):
             self.slots.popitem(last=False)
+
+
+class RewardModels:
+    """The reward models the app scores with (chat replies, the arena's leaderboard), each loaded once and
+    the last `keep` kept. `lock` guards the loading; callers hold it while scoring, too, so that one
+    reward model scores at a time."""
+
+    def __init__(self, store: ArtifactStore, keep: int = 2):
+        self.store = store
+        self.keep = keep
+        self.loaded: dict[str, LoadedRewardModel] = {}
+        self.lock = threading.RLock()
+
+    def get(self, ref: str) -> LoadedRewardModel:
+        with self.lock:
+            if ref not in self.loaded:
+                self.loaded[ref] = load_reward(ref, self.store)
+                while len(self.loaded) > self.keep:
+                    self.loaded.pop(next(iter(self.loaded)))
+            return self.loaded[ref]

@@ -19,7 +19,6 @@ settings give the same replies again.
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,14 +26,12 @@ from typing import Any
 import gradio as gr
 
 from pipeline.app import tasks
-from pipeline.app.catalog import ModelCache, list_models, list_reward_models
+from pipeline.app.catalog import ModelCache, RewardModels, list_models, list_reward_models
 from pipeline.app.db import LabelError
 from pipeline.app.session import AppSettings, current_user, shown_as_error
 from pipeline.app.votes import Reply, record_chat_feedback
 from pipeline.errors import UserError
 from pipeline.generation import SamplingSettings
-from pipeline.scoring import LoadedRewardModel, load_reward
-from pipeline.store import ArtifactStore
 
 NO_REWARD = ""
 
@@ -122,24 +119,12 @@ def answer_markdown(turn: Turn) -> str:
     return f"{answer.text}\n\n<sub>{' · '.join(facts)}</sub>"
 
 
-class RewardModels:
-    """The reward models chosen in the chat, loaded once each (the last two kept), under one lock."""
-
-    def __init__(self, store: ArtifactStore, keep: int = 2):
-        self.store = store
-        self.keep = keep
-        self.loaded: dict[str, LoadedRewardModel] = {}
-        self.lock = threading.Lock()
-
-    def score(self, ref: str, prompt: list[dict], text: str) -> Score:
-        with self.lock:
-            if ref not in self.loaded:
-                self.loaded[ref] = load_reward(ref, self.store)
-                while len(self.loaded) > self.keep:
-                    self.loaded.pop(next(iter(self.loaded)))
-            model = self.loaded[ref]
-            raw = model.score(prompt, [text])[0]
-        return Score(raw, model.normalise(raw), model.artifact_id)
+def score_reply(rewards: RewardModels, ref: str, prompt: list[dict], text: str) -> Score:
+    """The reward model `ref`'s raw and standardised score of one reply."""
+    with rewards.lock:  # one reward model scores at a time: the replies being drawn need the cores
+        model = rewards.get(ref)
+        raw = model.score(prompt, [text])[0]
+    return Score(raw, model.normalise(raw), model.artifact_id)
 
 
 @dataclass
@@ -185,7 +170,7 @@ def draw(
         sampling = asdict(settings) | {"seed": seed}
         answer = Answer(text, chosen.model, policy.artifact_id, sampling)
         if chosen.reward:
-            answer.score = rewards.score(chosen.reward, prompt, text)
+            answer.score = score_reply(rewards, chosen.reward, prompt, text)
         turn.answers.append(answer)
         yield conversation, None
     finally:

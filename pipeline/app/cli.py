@@ -175,14 +175,17 @@ def status_command(db: LabelDB) -> int:
 
 
 def leaderboard_command(db: LabelDB, store: ArtifactStore, args: argparse.Namespace) -> int:
-    from pipeline.app.leaderboard import agreement, format_table, leaderboard, rm_verdicts
+    from pipeline.app.leaderboard import agreement, blind, format_table, leaderboard, rm_verdicts
     from pipeline.app.votes import arena_votes
 
     if args.samples < 1:
         raise LabelError(f"--samples must be at least 1, got {args.samples}")
-    votes = arena_votes(db)
+    every_vote = arena_votes(db)
+    votes = blind(every_vote)
+    named = len(every_vote) - len(votes)
     if not votes:
-        print(f"no arena votes in {db.path} yet: vote in the app's Arena tab (`rlhf app`)")
+        kept = f" ({named} named-mode votes, which are not rated)" if named else ""
+        print(f"no anonymous arena votes in {db.path} yet{kept}: vote in the app's Arena tab (`rlhf app`)")
         return 0
     rm_scores = None
     if args.reward:
@@ -192,6 +195,8 @@ def leaderboard_command(db: LabelDB, store: ArtifactStore, args: argparse.Namesp
     standings = leaderboard(votes, rm_scores=rm_scores, samples=args.samples, seed=args.seed)
     print(format_table(standings))
     print(f"{len(votes)} votes; ratings on the Elo scale (1000: the mean model), 95% bootstrap intervals")
+    if named:
+        print(f"{named} named-mode votes are not rated: their voters saw the models' names first")
     if rm_scores is not None:
         agreed, decisive = agreement(votes, rm_scores)
         if decisive:

@@ -21,6 +21,8 @@ at most 3 n^2 kinds of vote, and a thousand refits take well under a second for 
 Beside the human win rate (wins plus half the ties, over votes) stands the reward model's: for each vote
 the reward model scores both replies (pipeline.scoring, as everywhere else), and its verdict is counted as
 a person's would be. A vote with the same model on both sides says nothing about either and is left out.
+Only blind votes rate models, as in Chatbot Arena: a person who saw the names before voting judged the
+names as well as the replies, so named-mode votes are counted and reported but never rated (`blind`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ def bootstrap_thetas(outcomes: Outcomes, samples: int, rng: np.random.Generator)
     total = int(outcomes.count.sum())
     counts = rng.multinomial(total, outcomes.count / total, size=samples).astype(np.float64)
     return fit_bradley_terry(outcomes.win_matrices(counts))
+
+
+def blind(votes: Sequence[ArenaVote]) -> list[ArenaVote]:
+    """The votes cast before the models' names were shown (anonymous mode): the only ones that rate them."""
+    return [vote for vote in votes if vote.mode == "anonymous"]
 
 
 def elo(theta: np.ndarray | float) -> np.ndarray | float:

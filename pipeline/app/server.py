@@ -17,7 +17,7 @@ import asyncio
 import gradio as gr
 
 from pipeline.app import admin, arena, chat_tab, progress, rank, runs_tab, write
-from pipeline.app.catalog import ModelCache, memory_budget
+from pipeline.app.catalog import ModelCache, RewardModels, memory_budget
 from pipeline.app.db import LabelError
 from pipeline.app.session import HERE, AppSettings, current_user
 from pipeline.app.users import list_users, verify_login
@@ -30,9 +30,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     models = ModelCache(
         settings.store, engine=settings.engine, max_models=settings.max_models, max_bytes=memory_budget()
     )
-    with gr.Blocks(title="RLHF labelling", analytics_enabled=False) as app:
+    rewards = RewardModels(settings.store)  # the reward models chat and the leaderboard score with
+    with gr.Blocks(title="rlhf-pipeline: label, chat, arena", analytics_enabled=False) as app:
         with gr.Row(elem_id="header"):
-            gr.Markdown("### RLHF labelling", elem_id="title")
+            gr.Markdown("### rlhf-pipeline · label, chat, arena", elem_id="title")
             whoami = gr.Markdown(elem_id="whoami")
         with gr.Tabs():
             with gr.Tab("Rank", id="rank"):
@@ -40,9 +41,9 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             with gr.Tab("Write", id="write"):
                 write_tab = write.build(settings)
             with gr.Tab("Chat", id="chat"):
-                chat_view = chat_tab.build(settings, models, chat_tab.RewardModels(settings.store))
+                chat_view = chat_tab.build(settings, models, rewards)
             with gr.Tab("Arena", id="arena"):
-                arena_view = arena.build(settings, models)
+                arena_view = arena.build(settings, models, rewards)
             with gr.Tab("Runs", id="runs"):
                 runs_view = runs_tab.build(settings)
             with gr.Tab("Progress", id="progress") as progress_block:
