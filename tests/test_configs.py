@@ -94,3 +94,28 @@ def test_the_hh_reward_recipe_reads_the_shared_data_it_names(monkeypatch):
     )
     assert len(train.records) >= cfg.max_steps * cfg.groups_per_batch
     assert len(held_out.records) >= cfg.eval_limit
+
+
+def test_the_quality_ppo_recipe_evaluates_on_all_160_benchmark_first_turns(monkeypatch):
+    """configs/ppo-quality.yaml trains on one public prompt set and is judged on two others, every prompt."""
+    from pathlib import Path
+
+    from pipeline.datasets import load_records
+    from stages.ppo.config import Config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(Config, REPO / "configs" / "ppo-quality.yaml")
+    sources = [cfg.prompts, *cfg.eval_prompts.values()]
+    missing = [source for source in sources if not Path(source).is_file()]
+    if missing:
+        pytest.skip(f"the recipe reads {missing[0]}: put the project's shared data beside the repository")
+    train = load_records(cfg.prompts, "prompt")
+    held_out = {name: load_records(source, "prompt") for name, source in cfg.eval_prompts.items()}
+    assert len(train.records) == 175, "Self-Instruct seed tasks"
+    assert {name: len(result.records) for name, result in held_out.items()} == {"mt-bench": 80, "vicuna": 80}
+    assert cfg.eval_limit is None and cfg.eval_samples >= 2
+    assert (cfg.eval_max_new_tokens or cfg.max_new_tokens) >= 128
+    train_texts = {record["prompt"][-1]["content"] for record in train.records}
+    for name, result in held_out.items():
+        overlap = train_texts & {record["prompt"][0]["content"] for record in result.records}
+        assert not overlap, f"{name} prompts also in the training prompts: {sorted(overlap)[:2]}"

@@ -181,3 +181,64 @@ def test_adaptive_kl_controller_follows_ziegler():
     restored = rl.KLController(beta=0.5, target=6.0)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.beta == adaptive.beta
+
+
+def test_the_length_fit_is_least_squares_and_its_correction_leaves_no_length_trend():
+    import pytest
+
+    from stages.ppo.config import Config
+    from stages.ppo.length import fit_length
+
+    lengths, scores = [10.0, 20.0, 30.0, 40.0], [1.0, 0.5, 0.2, -0.7]
+    fit = fit_length(lengths, scores)
+    # By hand: mean length 25, mean score 0.25; Sxy = -15*0.75 - 5*0.25 + 5*(-0.05) + 15*(-0.95) = -27, Sxx = 500.
+    assert math.isclose(fit.slope, -27 / 500, rel_tol=1e-12)
+    assert fit.mean_length == 25.0 and fit.replies == 4
+    syy = sum((y - 0.25) ** 2 for y in scores)
+    assert math.isclose(fit.correlation, -27 / math.sqrt(500 * syy), rel_tol=1e-12)
+    corrected = fit.corrected(torch.tensor(scores, dtype=torch.float64), torch.tensor(lengths))
+    residual_trend = sum(
+        (x - 25.0) * (y - corrected.mean().item()) for x, y in zip(lengths, corrected.tolist(), strict=True)
+    )
+    assert abs(residual_trend) < 1e-12, "the corrected scores still move with length"
+    assert math.isclose(corrected.mean().item(), 0.25, rel_tol=1e-12), "a correction moves no mean"
+    assert fit.corrected(torch.tensor([3.0]), torch.tensor([25])).item() == 3.0  # the mean length: as it was
+    flat = fit_length([7.0, 7.0, 7.0], [0.1, 0.4, -0.2])
+    assert flat.slope == 0.0 and flat.correlation == 0.0
+    with pytest.raises(ValueError, match="at least 2 replies"):
+        fit_length([5.0], [1.0])
+    with pytest.raises(ValueError, match="length_calibration must be at least 2"):
+        Config(prompts="p.jsonl", length_correction="linear", length_calibration=1)
+
+
+def test_the_length_corrected_critic_spares_replies_cut_off_by_the_limit():
+    from pipeline.generation import Sequences
+    from stages.ppo.length import LengthCorrected, LengthFit
+    from stages.ppo.passes import Shared
+
+    class ConstantCritic:
+        net = torch.nn.Identity()
+
+        def prepare(self, seq):
+            return Shared()
+
+        def values(self, seq, shared):
+            return torch.zeros(seq.response.shape)
+
+        def scores(self, seq, shared):
+            return torch.ones(seq.response.shape[0])
+
+        def prepared(self, net):
+            return self
+
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    seq = Sequences(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long),
+                    torch.zeros(2, 5, dtype=torch.long), mask, torch.tensor([True, False]), torch.zeros(2, 5))  # fmt: skip
+    critic = LengthCorrected(
+        ConstantCritic(), LengthFit(slope=0.5, mean_length=4.0, correlation=0.9, replies=9)
+    )
+    # The finished 3-token reply: 1 - 0.5 * (3 - 4); the one cut off at the limit: as scored.
+    assert critic.scores(seq, critic.prepare(seq)).tolist() == [1.5, 1.0]
+    # The value before response token j, j tokens written: 0 - 0.5 * (j - 4), the same on every row.
+    assert critic.values(seq, Shared()).tolist() == [[2.0, 1.5, 1.0, 0.5, 0.0]] * 2
+    assert critic.prepared(torch.nn.Identity()).fit == critic.fit

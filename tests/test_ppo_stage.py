@@ -277,7 +277,8 @@ def test_value_head_on_the_reward_trunk(store, published, tmp_path):
     _, reward_id = published
     overrides = ["--steps", "3", "--critic", "head", "--eval_prompts", "null"]
     cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
-    folder = Path(run(cfg, store).uri) / "value"
+    artifact = run(cfg, store)
+    folder = Path(artifact.uri) / "value"
     card = read_card(folder)
     assert card["kind"] == "value_head" and card["trunk"] == reward_id
     head = load_file(str(folder / "value_head.safetensors"))["weight"]
@@ -285,6 +286,25 @@ def test_value_head_on_the_reward_trunk(store, published, tmp_path):
     assert head.shape == rm.score.weight.shape and not torch.equal(
         head, rm.score.weight
     )  # trained from the RM's
+
+
+def test_a_length_trend_needs_replies_that_finish(store, published, tmp_path):
+    # The tiny policy never samples its stop token in 12 tokens: nothing to fit a length trend on, so the run
+    # is refused before its first step, naming the fix, and publishes nothing.
+    overrides = [
+        "--steps",
+        "1",
+        "--eval_prompts",
+        "null",
+        "--length_correction",
+        "linear",
+        "--length_calibration",
+        "8",
+    ]
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
+    with pytest.raises(ValueError, match="only 0 of the 8 calibration replies ended .* raise max_new_tokens"):
+        run(cfg, store)
+    assert store.list("ppo") == []
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,8 @@ class RunState:
     kl_controller: dict[str, Any] = field(default_factory=dict)
     engine: str = ""
     """The rollout engine that sampled the run: a resume under another would not continue it exactly."""
+    length_fit: dict[str, float] | None = None
+    """With length_correction: linear, the fit made before the first step (length.LengthFit), reused on resume."""
     history: list[dict[str, float]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

@@ -83,6 +83,13 @@ class Config:
     max_kl: float | None = 50.0
     """Stop the run (after saving a checkpoint to inspect) when the mean KL to SFT per response passes this
     many nats: a policy that far from SFT has found a hole in the reward model. null: no bound."""
+    length_correction: Literal["none", "linear"] = "none"
+    """linear: subtract the reward model's length trend from the score of every finished reply (stages/ppo/
+    length.py), fitted before the first step on the SFT policy's finished replies to `length_calibration`
+    training prompts, so that replies gain reward by what they say, not by being shorter or longer; none:
+    the scores as they are."""
+    length_calibration: int = 64
+    """Training prompts the length fit samples the SFT policy on (length_correction: linear)."""
     reward_clip: float = 5.0
     """Standardised reward-model scores are clipped to +-reward_clip."""
     missing_eos_penalty: float | None = None
@@ -186,5 +193,9 @@ class Config:
             raise ValueError("ptx_coef > 0 needs ptx_data: demonstrations (conversations) for the ptx loss")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
+        if self.length_correction == "linear" and self.length_calibration < 2:
+            raise ValueError(
+                f"length_calibration must be at least 2 replies to fit a length trend, got {self.length_calibration}"
+            )
         if self.max_kl is not None and self.max_kl <= 0:
             raise ValueError(f"max_kl must be positive (or null for no bound), got {self.max_kl}")

@@ -44,6 +44,7 @@ from stages.ppo.checkpoint import RunState, Trained
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic, load_critic
 from stages.ppo.evaluate import EvalSet, Evaluation
+from stages.ppo.length import LengthCorrected, LengthFit, calibrate
 from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy, load_policy_and_reference
 from stages.ppo.publish import log_step, publish, source_of, summarize
@@ -120,6 +121,11 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         kl_control.load_state_dict(state.kl_controller)
     state.config = to_dict(cfg) | {"policy": source_of(sft)}
     engine.sync(policy.lm)
+    if cfg.length_correction == "linear" and state.length_fit is None:
+        state.length_fit = fit_length_trend(cfg, prompts, engine=engine, critic=critic, acc=acc).to_dict()
+    # What the loop scores and values rollouts with: the critic, less the length trend when one was fitted.
+    # The evaluation and the published artifact keep the reward model's own scores.
+    shaped = LengthCorrected(critic, LengthFit(**state.length_fit)) if state.length_fit else critic
     evaluation = load_evaluation(cfg, store, tokenizer=tokenizer, acc=acc, engine=engine)
     if state.step == 0 and evaluation is not None:
         state.history.append({"step": 0, **evaluation.baseline(policy, critic)})
@@ -152,12 +158,12 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         seq = engine.sample([prompts[i] for i in mine], settings, generator)
         rollout_s = time.perf_counter() - tick
         # 2. score and 3. advantages
-        rollouts = score(seq, policy, critic, cfg, kl_control.beta)
+        rollouts = score(seq, policy, shaped, cfg, kl_control.beta)
         # 4. update, then the engine samples from the new weights
         metrics = update(
             rollouts,
             policy,
-            critic,
+            shaped,
             trained,
             cfg=cfg,
             acc=acc,
@@ -194,6 +200,7 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
             save_state(keep=cfg.keep_checkpoints)
     bar.close()
     summary = summarize(state.history, episodes, time.perf_counter() - started)
+    summary |= {f"length_fit_{key}": value for key, value in (state.length_fit or {}).items()}
     pairs = evaluation.pairs if evaluation is not None else []
     artifact = publish(
         cfg,
@@ -498,6 +505,30 @@ def load_evaluation(
         judge = load_reward(cfg.eval_judge, store)
         judge.scorer.to(acc.device)
     return Evaluation(sets, settings, cfg, acc, engine, tokenizer, judge)
+
+
+def fit_length_trend(
+    cfg: Config, prompts: list[list[int]], *, engine, critic: Critic, acc: Accelerator
+) -> LengthFit:
+    """The reward model's score against reply length on the SFT policy's replies (length.py), announced."""
+    tick = time.perf_counter()
+    chosen = take(len(prompts), cfg.length_calibration, [0, 0], cfg.seed)
+    fit = calibrate(
+        [prompts[i] for i in chosen],
+        engine=engine,
+        critic=critic,
+        settings=SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+        seed=cfg.seed,
+        acc=acc,
+        batch_size=cfg.eval_batch_size,
+    )
+    acc.print(
+        f"length correction: the reward model's score moves {fit.slope:+.4f} per reply token (correlation "
+        f"{fit.correlation:+.2f} over the {fit.replies} of {cfg.length_calibration} SFT replies that finished, "
+        f"mean length {fit.mean_length:.1f}); subtracted from every finished reply's score "
+        f"({time.perf_counter() - tick:.0f} s)"
+    )
+    return fit
 
 
 def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
