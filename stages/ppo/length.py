@@ -28,6 +28,7 @@ configs/ppo-quality.yaml therefore sets lam: 1.)
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from pipeline.generation import Engine, SamplingSettings, Sequences
+from stages.ppo.config import Config
 from stages.ppo.critic import Critic
 from stages.ppo.passes import Shared
 
@@ -77,26 +79,21 @@ def fit_length(lengths: list[float], scores: list[float]) -> LengthFit:
 
 @torch.no_grad()
 def calibrate(
-    prompts: list[list[int]],
-    *,
-    engine: Engine,
-    critic: Critic,
-    settings: SamplingSettings,
-    seed: int,
-    acc: Accelerator,
-    batch_size: int,
+    prompts: list[list[int]], *, engine: Engine, critic: Critic, cfg: Config, acc: Accelerator
 ) -> LengthFit:
     """Sample the policy (still the SFT model) on `prompts`, score the replies, fit score against the length
-    of those that finished.
+    of those that finished, and say what was found.
 
     The sampler has a generator of its own, so the run's rollouts are the same with or without the fit.
     Each process samples its share; the fit is made on all of them, so every process applies the same one.
     """
-    generator = torch.Generator(acc.device).manual_seed(seed * 1000 + 997 + acc.process_index)
+    tick = time.perf_counter()
+    settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    generator = torch.Generator(acc.device).manual_seed(cfg.seed * 1000 + 997 + acc.process_index)
     mine = prompts[acc.process_index :: acc.num_processes]
     finished: list[tuple[float, float]] = []
-    for start in range(0, len(mine), batch_size):
-        seq = engine.sample(mine[start : start + batch_size], settings, generator)
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        seq = engine.sample(mine[start : start + cfg.eval_batch_size], settings, generator)
         scores = critic.scores(seq, critic.prepare(seq))
         lengths = seq.response_mask.sum(-1)
         finished += [
@@ -110,7 +107,14 @@ def calibrate(
             f"only {len(pairs)} of the {len(prompts)} calibration replies ended within max_new_tokens, too few to "
             "fit a length trend: raise max_new_tokens or length_calibration"
         )
-    return fit_length([length for length, _ in pairs], [score for _, score in pairs])
+    fit = fit_length([length for length, _ in pairs], [score for _, score in pairs])
+    acc.print(
+        f"length correction: the reward model's score moves {fit.slope:+.4f} per reply token (correlation "
+        f"{fit.correlation:+.2f} over the {fit.replies} of {len(prompts)} SFT replies that finished, "
+        f"mean length {fit.mean_length:.1f}); subtracted from every finished reply's score "
+        f"({time.perf_counter() - tick:.0f} s)"
+    )
+    return fit
 
 
 class LengthCorrected:

@@ -122,7 +122,9 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     state.config = to_dict(cfg) | {"policy": source_of(sft)}
     engine.sync(policy.lm)
     if cfg.length_correction == "linear" and state.length_fit is None:
-        state.length_fit = fit_length_trend(cfg, prompts, engine=engine, critic=critic, acc=acc).to_dict()
+        chosen = take(len(prompts), cfg.length_calibration, [0, 0], cfg.seed)
+        fit = calibrate([prompts[i] for i in chosen], engine=engine, critic=critic, cfg=cfg, acc=acc)
+        state.length_fit = fit.to_dict()
     # What the loop scores and values rollouts with: the critic, less the length trend when one was fitted.
     # The evaluation and the published artifact keep the reward model's own scores.
     shaped = LengthCorrected(critic, LengthFit(**state.length_fit)) if state.length_fit else critic
@@ -505,30 +507,6 @@ def load_evaluation(
         judge = load_reward(cfg.eval_judge, store)
         judge.scorer.to(acc.device)
     return Evaluation(sets, settings, cfg, acc, engine, tokenizer, judge)
-
-
-def fit_length_trend(
-    cfg: Config, prompts: list[list[int]], *, engine, critic: Critic, acc: Accelerator
-) -> LengthFit:
-    """The reward model's score against reply length on the SFT policy's replies (length.py), announced."""
-    tick = time.perf_counter()
-    chosen = take(len(prompts), cfg.length_calibration, [0, 0], cfg.seed)
-    fit = calibrate(
-        [prompts[i] for i in chosen],
-        engine=engine,
-        critic=critic,
-        settings=SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
-        seed=cfg.seed,
-        acc=acc,
-        batch_size=cfg.eval_batch_size,
-    )
-    acc.print(
-        f"length correction: the reward model's score moves {fit.slope:+.4f} per reply token (correlation "
-        f"{fit.correlation:+.2f} over the {fit.replies} of {cfg.length_calibration} SFT replies that finished, "
-        f"mean length {fit.mean_length:.1f}); subtracted from every finished reply's score "
-        f"({time.perf_counter() - tick:.0f} s)"
-    )
-    return fit
 
 
 def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
