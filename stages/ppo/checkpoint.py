@@ -45,7 +45,7 @@ class RunState:
 
     step: int = 0
     prompt_position: list[int] = field(default_factory=lambda: [0, 0])
-    """[epoch, offset] in the seeded shuffle of the prompts (train.take)."""
+    """[epoch, offset] in the seeded shuffle of the prompts (data.take)."""
     ptx_position: list[int] = field(default_factory=lambda: [0, 0])
     """The same for the PPO-ptx demonstrations."""
     kl_controller: dict[str, Any] = field(default_factory=dict)

@@ -2,12 +2,12 @@
 
 `run` reads top to bottom. Each step:
 
-1. rollout: a batch of prompts (each process its shard), responses sampled by the rollout engine
-   (pipeline.generation) from the policy's weights as of the last update;
+1. rollout: a batch of prompts (data.py, each process its shard), responses sampled by the rollout
+   engine (pipeline.generation) from the policy's weights as of the last update;
 2. score: the reference log-probs (policy.py), the values and the reward model's scores (critic.py);
 3. advantages: KL-shaped per-token rewards and GAE (rl.py, the maths as pure functions);
-4. update: `ppo_epochs` passes of clipped policy and value losses over mini-batches, then the engine
-   takes the new weights;
+4. update: `ppo_epochs` passes of clipped policy and value losses over mini-batches (with PPO-ptx's
+   language-model loss when ptx_coef is set: ptx.py), then the engine takes the new weights;
 5. log, evaluate now and then (evaluate.py), and checkpoint (checkpoint.py: resume is exact).
 
 A step whose loss, reward or KL is not finite, or whose KL passes `max_kl`, stops the run with one line
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,24 +29,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler, set_seed
 
-from pipeline.chat import prompt_ids, stop_token_ids, tokenize_conversation
+from pipeline.chat import stop_token_ids
 from pipeline.checkpoints import start_or_resume
 from pipeline.config import to_dict
-from pipeline.data_sources import data_file
-from pipeline.datasets import load_records
-from pipeline.generation import SamplingSettings, Sequences, make_engine, position_ids
+from pipeline.generation import SamplingSettings, Sequences, make_engine
 from pipeline.models import ModelError, load_tokenizer, resolve_model
-from pipeline.scoring import load_reward
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.tracking import flat_config, tracker_names
 from stages.ppo import checkpoint, rl
 from stages.ppo.checkpoint import RunState, Trained
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic, load_critic
-from stages.ppo.evaluate import EvalSet, Evaluation
+from stages.ppo.data import load_evaluation, load_prompts, take, with_data_files
 from stages.ppo.length import LengthCorrected, LengthFit, calibrate
 from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy, load_policy_and_reference
+from stages.ppo.ptx import load_demonstrations, ptx_backward
 from stages.ppo.publish import log_step, publish, source_of, summarize
 
 __all__ = ["Config", "run"]
@@ -358,40 +356,6 @@ def update(
     return {key: sum(v) / len(v) for key, v in stats.items()}
 
 
-def ptx_backward(
-    ppo_loss: Tensor,
-    policy: Policy,
-    *,
-    acc: Accelerator,
-    cfg: Config,
-    demonstrations: list,
-    position: list[int],
-    pad_id: int,
-) -> float:
-    """PPO-ptx: add ptx_coef x the LM loss on demonstrations; one gradient all-reduce for both."""
-    with acc.no_sync(policy.net):
-        acc.backward(ppo_loss)
-    picked = take(len(demonstrations), cfg.ptx_batch_size * acc.num_processes, position, cfg.seed)
-    rows = [demonstrations[i] for i in picked[acc.process_index :: acc.num_processes]]
-    lm = ptx_loss(policy.lm, rows, pad_id, acc.device)
-    acc.backward(cfg.ptx_coef * lm)
-    return lm.item()
-
-
-def ptx_loss(lm: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> Tensor:
-    """Mean next-token cross-entropy on the assistant tokens of right-padded demonstrations."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (row, trained) in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        labels[i, : len(row)] = torch.tensor([t if m else -100 for t, m in zip(row, trained, strict=True)])
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-
-
 def adamw(module: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
     params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
@@ -459,78 +423,6 @@ def samples(rollouts: Rollouts, records: list[dict], tokenizer, step: int, count
             }
         )
     return out
-
-
-# -- data ------------------------------------------------------------------------------------------------
-
-
-def load_prompts(
-    source: str, tokenizer, cfg: Config, limit: int | None = None
-) -> tuple[list[dict], list[list[int]]]:
-    """Prompt records and their ids, cut to the last max_prompt_length tokens (the assistant header stays)."""
-    records = load_records(source, "prompt", format=cfg.data_format, limit=limit).records
-    return records, [prompt_ids(tokenizer, r["prompt"])[-cfg.max_prompt_length :] for r in records]
-
-
-def with_data_files(cfg: Config, store: ArtifactStore) -> Config:
-    """`cfg` with every data setting that names an artifact (`labels:latest`) resolved to its file, once."""
-    eval_prompts = cfg.eval_prompts
-    if isinstance(eval_prompts, dict):
-        eval_prompts = {name: data_file(source, "prompt", store) for name, source in eval_prompts.items()}
-    else:
-        eval_prompts = data_file(eval_prompts, "prompt", store)
-    return replace(
-        cfg,
-        prompts=data_file(cfg.prompts, "prompt", store),
-        eval_prompts=eval_prompts,
-        ptx_data=data_file(cfg.ptx_data, "conversation", store),
-    )
-
-
-def load_evaluation(
-    cfg: Config, store: ArtifactStore, *, tokenizer, acc: Accelerator, engine
-) -> Evaluation | None:
-    """The held-out sets named by eval_prompts, and the judge named by eval_judge (None: no evaluation)."""
-    if not cfg.eval_prompts:
-        return None
-    sources = {"": cfg.eval_prompts} if isinstance(cfg.eval_prompts, str) else cfg.eval_prompts
-    sets = []
-    for name, source in sources.items():
-        records, ids = load_prompts(source, tokenizer, cfg, cfg.eval_limit)
-        sets.append(EvalSet(name, [r["prompt"] for r in records], ids))
-    settings = SamplingSettings(
-        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-        temperature=cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature,
-    )
-    judge = None
-    if cfg.eval_judge:
-        judge = load_reward(cfg.eval_judge, store)
-        judge.scorer.to(acc.device)
-    return Evaluation(sets, settings, cfg, acc, engine, tokenizer, judge)
-
-
-def take(total: int, count: int, position: list[int], seed: int) -> list[int]:
-    """The next `count` indices of a seeded per-epoch shuffle of range(total); advances position [epoch, offset].
-
-    The position is two integers, so a checkpoint stores where the data stream is without storing it.
-    """
-    out: list[int] = []
-    while len(out) < count:
-        epoch, offset = position
-        order = torch.randperm(
-            total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        ).tolist()
-        grab = order[offset : offset + count - len(out)]
-        out += grab
-        position[:] = [epoch + 1, 0] if offset + len(grab) >= total else [epoch, offset + len(grab)]
-    return out
-
-
-def load_demonstrations(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """PPO-ptx demonstrations as (ids, assistant mask); those with no assistant token left are dropped."""
-    records = load_records(cfg.ptx_data, "conversation").records
-    tokenized = [tokenize_conversation(tokenizer, r["messages"], cfg.ptx_max_length) for r in records]
-    return [(t.input_ids, t.assistant_mask) for t in tokenized if any(t.assistant_mask)]
 
 
 def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, rm_path: str) -> None:
