@@ -10,7 +10,8 @@ seeded shuffle) and evaluates it on `--eval-pairs` pairs of B: `--curve` times d
 learning curve: accuracy against training pairs seen) and at the end. `--oasst` also scores the
 OpenAssistant ranked trees (K = 2..9) with the final model. Every accuracy comes with its 95% Wilson
 interval and the accuracy of preferring the longer reply on the same pairs. Training time is the
-stage's own train_seconds (evaluation and normalisation excluded).
+stage's own train_seconds: the final evaluation and normalisation excluded, the curve's evaluations
+during training included.
 
 A variant is a name and reward-stage settings (values as YAML), e.g.
 `top8:lora_layers=8,learning_rate=1e-3` or `full:lora.enabled=false,learning_rate=1e-5`;
