@@ -147,6 +147,41 @@ def test_votes_and_feedback_keep_their_models_from_artifacts_rm(db):
         record_chat_feedback(db, "ann", "g" * 20, PROMPT, reply("Kiwi.", "ppo-c"), "meh")
 
 
+def test_chat_feedback_exports_once_per_reply_in_trls_unpaired_format(db, store, tiny_tokenizer):
+    import datasets
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    first = record_chat_feedback(db, "ann", "c" * 20, PROMPT, reply("Kiwi.", "ppo-c"), "up")
+    record_chat_feedback(
+        db, "ann", "d" * 20, PROMPT, reply("Kiwi.", "ppo-c"), "down", replaces=first.label_id
+    )
+    ben = record_chat_feedback(db, "ben", "e" * 20, PROMPT, reply("Mango.", None), "up")
+    artifact = export_labels(db, store)
+    rows = [
+        json.loads(line) for line in (store.local_path(artifact) / "feedback.jsonl").read_text().splitlines()
+    ]
+    # The changed rating is exported once, as its last value; the retracted "up" is left out.
+    assert [(row["completion"][0]["content"], row["label"]) for row in rows] == [
+        ("Kiwi.", False),
+        ("Mango.", True),
+    ]
+    assert rows[1]["id"] == f"feedback-{ben.label_id}" and rows[1]["prompt"] == PROMPT
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "Kiwi."}]
+    assert (rows[0]["artifact_id"], rows[0]["sampling"]) == ("ppo-c", SAMPLING)
+    assert rows[0]["annotator"] != rows[1]["annotator"] and rows[0]["annotator"].startswith("a-")
+    assert artifact.metrics["chat_feedback"] == 2 and artifact.metrics["comparisons"] == 0
+    assert {"artifact": "ppo-c", "role": "completions"} in artifact.manifest["inputs"]
+    parquet = datasets.load_dataset(str(store.local_path(artifact) / "parquet"), "feedback", split="train")
+    assert parquet["label"] == [False, True]
+    # TRL reads the rows as they are: conversational, templated into prompt and completion text.
+    assert is_conversational(rows[0])
+    templated = maybe_apply_chat_template(
+        {key: rows[0][key] for key in ("prompt", "completion", "label")}, tiny_tokenizer
+    )
+    assert templated["label"] is False and "Kiwi." in templated["completion"]
+    assert "Name a fruit." in templated["prompt"] and "Kiwi." not in templated["prompt"]
+
+
 def test_a_schema_1_database_opens_and_is_migrated(tmp_path):
     path = tmp_path / "old.db"
     db = open_db(path)

@@ -10,6 +10,9 @@ keeps running), so its files, counts and checksum all describe the same moment. 
                          or "both bad" as equal ranks (no training pair), with `verdict` and `both_bad`
     conversations.jsonl  the demonstrations (canonical conversations)
     prompts.jsonl        prompts written in prompt-only mode (canonical prompts, for PPO)
+    feedback.jsonl       chat thumbs up and down, in TRL's unpaired preference format (KTO's): `prompt`
+                         (the conversation before the reply), `completion` (the reply as one assistant
+                         message), `label` (true for up), with the model, artifact and sampling that wrote it
     parquet/             the same records as Parquet, plus every ranked pair in TRL's preference format,
                          with a dataset card: `datasets.load_dataset("<artifact>/parquet", "comparisons")`
 
@@ -45,6 +48,7 @@ PAYLOAD_NAMES = {
     "comparisons": "comparisons.jsonl",
     "conversations": "conversations.jsonl",
     "prompts": "prompts.jsonl",
+    "feedback": "feedback.jsonl",
 }
 
 
@@ -77,6 +81,7 @@ def export_labels(db: LabelDB, store: ArtifactStore) -> Artifact:
             "arena_votes": len(records["comparisons"]) - len(rankings),
             "conversations": len(records["conversations"]),
             "prompts": len(records["prompts"]),
+            "chat_feedback": len(records["feedback"]),
             "preference_pairs": len(preference_pairs(records["comparisons"])),
             "annotators": len({r["annotator"] for rs in records.values() for r in rs}),
             "retracted_labels_left_out": retracted,
@@ -104,7 +109,12 @@ def export_labels(db: LabelDB, store: ArtifactStore) -> Artifact:
 def read_records(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
     """The live labels as canonical records, oldest first, each checked by the pipeline's validators."""
     salt = conn.execute("SELECT value FROM meta WHERE key = 'pseudonym_salt'").fetchone()[0]
-    records: dict[str, list[dict[str, Any]]] = {"comparisons": [], "conversations": [], "prompts": []}
+    records: dict[str, list[dict[str, Any]]] = {
+        "comparisons": [],
+        "conversations": [],
+        "prompts": [],
+        "feedback": [],
+    }
     for row in conn.execute("SELECT * FROM live_labels ORDER BY id"):
         body = json.loads(row["body"])
         common = {
@@ -127,7 +137,23 @@ def read_records(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
             )
         elif row["kind"] == "arena_vote":
             records["comparisons"].append(validate_comparison(arena_comparison(row) | common))
+        elif row["kind"] == "chat_feedback":
+            records["feedback"].append(unpaired_preference(row["id"], body) | common)
     return records
+
+
+def unpaired_preference(label_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A chat rating as one row of TRL's conversational unpaired preference format, with its provenance."""
+    reply = body["reply"]
+    return {
+        "id": f"feedback-{label_id}",
+        "prompt": body["prompt"],
+        "completion": [{"role": "assistant", "content": reply["text"]}],
+        "label": body["rating"] == "up",
+        "model": reply["model"],
+        "artifact_id": reply["artifact_id"],
+        "sampling": reply["sampling"],
+    }
 
 
 def comparison(conn: sqlite3.Connection, row: sqlite3.Row, body: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +249,12 @@ def lineage(records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 }
             elif origin["model"]:
                 inputs[("model", origin["model"])] = {"model": origin["model"], "role": "completions"}
+    for record in records["feedback"]:
+        if record["artifact_id"]:
+            inputs[("artifact", record["artifact_id"])] = {
+                "artifact": record["artifact_id"],
+                "role": "completions",
+            }
     for record in records["conversations"]:
         for artifact_id in record["suggested_by"]:
             inputs.setdefault(("artifact", artifact_id), {"artifact": artifact_id, "role": "suggestions"})
@@ -255,7 +287,8 @@ def write_payload(records: dict[str, list[dict[str, Any]]], payload: Path) -> di
         "Configs: " + ", ".join(f"`{name}`" for name in tables) + ". `comparisons` are K-wise rankings "
         "(lower rank is better, equal ranks are ties) and arena votes (K = 2, `verdict`, `both_bad`); "
         "`preference_pairs` expands them into TRL's "
-        "prompt/chosen/rejected format; `conversations` are demonstrations; `prompts` are prompts.\n",
+        "prompt/chosen/rejected format; `conversations` are demonstrations; `prompts` are prompts; `feedback` holds chat "
+        "thumbs in TRL's unpaired prompt/completion/label format.\n",
         encoding="utf-8",
     )
     return files
