@@ -93,7 +93,8 @@ def test_a_killed_job_continues_and_a_finished_one_is_skipped(tmp_path, tiny_mod
 def test_two_processes_on_an_empty_store_publish_each_artifact_once(tmp_path, tiny_model_dir, monkeypatch):
     """Two CPU processes run the whole job from a GGUF file (the embedded model's path) on an empty store. The
     main process converts the file and the other waits and reuses its artifact; only the main process
-    publishes: one artifact of each kind, joined by their lineage. The SFT weights equal those of one process
+    publishes: one artifact of each kind, joined by their lineage, and each process keeps its own PPO RNG
+    state in the checkpoint. The SFT weights equal those of one process
     taking both processes' batches at once, up to float32 rounding: the gradients are summed across processes in
     another order, and four Adam steps carry that difference on."""
     monkeypatch.chdir(REPO)
@@ -114,12 +115,16 @@ def test_two_processes_on_an_empty_store_publish_each_artifact_once(tmp_path, ti
         "0",
     ]
     job_args = [f"--sft.{word[2:]}" if word.startswith("--") else word for word in sft_args]
-    two = accelerate_launch(["run", "--config", str(JOB), *common, *job_args, "--ppo.eval_prompts", "null"])
+    # PPO with the bottom layer shared (policy and reference, reward and value model) under DDP.
+    ppo_args = ["--ppo.eval_prompts", "null", "--ppo.policy_layers", "1", "--ppo.critic_layers", "1"]
+    two = accelerate_launch(["run", "--config", str(JOB), *common, *job_args, *ppo_args])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("open the app on the result") == 1
     (base,), (sft,), (reward,), (ppo,) = (store.list(stage) for stage in ("base", "sft", "reward", "ppo"))
     assert inputs_by_role(sft) == {"model": base.id} and inputs_by_role(reward) == {"model": sft.id}
     assert inputs_by_role(ppo) == {"policy": sft.id, "reward": reward.id}
+    (checkpoint,) = (tmp_path / "runs").glob("ppo-*/checkpoint-*")  # each process keeps its own RNG state
+    assert {path.name for path in checkpoint.glob("rng-*")} == {"rng-0.pt", "rng-1.pt"}
 
     _, stages = load_job(str(JOB), [], ["sft"])
     config = tmp_path / "sft.yaml"

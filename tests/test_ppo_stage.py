@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, accelerate_launch
+from conftest import DEMO_DATA
 from ppo_helpers import build_peaked_policy, liked_share, publish_tiny_pair, randomise_adapter, write_config
 from safetensors.torch import load_file
 from torch import Tensor
@@ -333,22 +333,6 @@ def test_a_diverging_run_stops_with_its_state_saved_and_publishes_nothing(store,
         run(cfg, store)
     assert store.list("ppo") == []
     assert (Path(cfg.output_dir) / cfg.run_name / "inspect-000002" / "policy.safetensors").is_file()
-
-
-def test_two_processes_publish_exactly_one_artifact(store, published, tmp_path):
-    config = write_config(
-        tmp_path / "ppo.yaml", store, steps=2, eval_limit=6, checkpoint_every=1, keep_checkpoints=1,
-        policy_layers=1, critic_layers=1,  # the shared bottom layers under DDP
-    )  # fmt: skip
-    result = accelerate_launch(["ppo", "--config", str(config)], processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(store.list("ppo")) == 1
-    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "ppo-tiny-test").glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-000002"]
-    assert {p.name for p in (tmp_path / "runs" / "ppo-tiny-test" / checkpoints[0]).glob("rng-*")} == {
-        "rng-0.pt",
-        "rng-1.pt",
-    }
 
 
 def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, published, tmp_path, tiny_tokenizer):
