@@ -10,7 +10,8 @@ it runs, in this process, SFT (full fine-tuning through the stage's trainer), th
 and PPO (LoRA, the hf engine), each on the demo data, and prints:
 
 - tokens/s and MFU against the GPU's bf16 peak for SFT and the reward stage (6 x parameters per
-  trained token, the matmul peak measured here first: `--peak` overrides it);
+  trained token, the embedding left out for the reward model, whose head is a scalar; the matmul peak
+  measured here first: `--peak` overrides it);
 - rollout tokens/s per engine that runs on the device (batch 16, 64 new tokens, sync included);
 - PPO episodes/s, and the peak GPU memory of each stage.
 
@@ -55,7 +56,8 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads
 }
 
 
-def build_model(size: str, tokenizer, folder: Path, dtype: torch.dtype) -> int:
+def build_model(size: str, tokenizer, folder: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """Save a randomly initialised Llama of `size`; its parameter count and its embedding's."""
     hidden, intermediate, layers, heads, kv_heads = SHAPES[size]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -67,7 +69,7 @@ def build_model(size: str, tokenizer, folder: Path, dtype: torch.dtype) -> int:
         model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), model.get_input_embeddings().weight.numel()
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -140,7 +142,7 @@ def reward_tokens(tokenizer, steps: int, groups: int, max_length: int) -> int:
 def check(size: str, args, tokenizer, work: Path, device: torch.device, peak: float) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     folder = work / f"model-{size}"
-    params = build_model(size, tokenizer, folder, dtype)
+    params, embedding = build_model(size, tokenizer, folder, dtype)
     store = ArtifactStore(work / "store")
     print(f"\n== {size}: {params / 1e6:.0f}M parameters, {dtype} on {device.type}", flush=True)
 
@@ -161,7 +163,9 @@ def check(size: str, args, tokenizer, work: Path, device: torch.device, peak: fl
         "max_length": 512, "learning_rate": 1e-5, "eval_every": 0, "report_to": "none", "checkpoint_every": 0,
     }, work, store)  # fmt: skip
     rate = reward_tokens(tokenizer, args.steps, 8, 512) / reward.metrics["train_seconds"]
-    print(f"reward  {rate:9.0f} tokens/s  MFU {100 * 6 * params * rate / peak:5.1f}%  "
+    # A reward model has a scalar head, not the vocabulary projection the tied embedding is in SFT: its
+    # matmuls are the parameters less the embedding (a lookup), or the small models' MFU is overstated.
+    print(f"reward  {rate:9.0f} tokens/s  MFU {100 * 6 * (params - embedding) * rate / peak:5.1f}%  "
           f"({seconds:.0f} s in all)  peak memory {peak_memory(device)}", flush=True)  # fmt: skip
 
     policy = resolve_model(sft.id, store)
