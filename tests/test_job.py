@@ -94,9 +94,9 @@ def test_two_processes_on_an_empty_store_publish_each_artifact_once(tmp_path, ti
     """Two CPU processes run the whole job from a GGUF file (the embedded model's path) on an empty store. The
     main process converts the file and the other waits and reuses its artifact; only the main process
     publishes: one artifact of each kind, joined by their lineage, and each process keeps its own PPO RNG
-    state in the checkpoint. The SFT weights equal those of one process
-    taking both processes' batches at once, up to float32 rounding: the gradients are summed across processes in
-    another order, and four Adam steps carry that difference on."""
+    state in the checkpoint. The SFT weights equal those of one process taking both processes' batches at
+    once, up to float32 rounding: the gradients are summed across processes in another order, and four Adam
+    steps carry that difference on."""
     monkeypatch.chdir(REPO)
     gguf = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
     store = ArtifactStore(tmp_path / "store")
