@@ -171,7 +171,7 @@ def one_run(name: str, settings: dict, direction: str, args, work: Path) -> dict
         "store": str(STORE.root),
         "data": str(folder / "train.jsonl"),
         "eval_data": str(folder / "held_out.jsonl"),
-        "eval_every": max(steps // args.curve, 1),
+        "eval_every": max(steps // args.curve, 1) if args.curve else 0,
         "output_dir": str(folder / "runs"),
         "run_name": "reward",
         "seed": args.seed,
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--directions", nargs="+", default=["base:rs", "rs:base"])
     parser.add_argument("--train-pairs", type=int, default=600)
     parser.add_argument("--eval-pairs", type=int, default=400)
-    parser.add_argument("--curve", type=int, default=4, help="evaluations during training")
+    parser.add_argument("--curve", type=int, default=4, help="evaluations during training (0: none)")
     parser.add_argument("--oasst", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--store", default=os.environ.get("RLHF_STORE", str(REPO / "artifacts")))

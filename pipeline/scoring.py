@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.chat import Message, tokenize_completion
 from pipeline.models import ModelError, load_reward_model, load_tokenizer, resolve_model
+from pipeline.packed_attention import SharedPrefixRow
 from pipeline.store import ArtifactStore
 
 
@@ -39,8 +40,24 @@ class RewardScorer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        shared_prefix: SharedPrefixRow | None = None,
+    ) -> Tensor:
+        """Scores [rows] of a right- or left-padded batch, or [sequences] of a `SharedPrefixRow` (which
+        needs the model's attention to be `packed_sdpa`: pipeline.packed_attention)."""
         classifier = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        if shared_prefix is not None:
+            hidden = classifier.base_model(
+                input_ids=shared_prefix.input_ids,
+                position_ids=shared_prefix.position_ids,
+                shared_prefix=shared_prefix,
+                use_cache=False,
+            ).last_hidden_state
+            return classifier.score(hidden[0, shared_prefix.last]).squeeze(-1).float()
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         hidden = classifier.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, seeded
 
 from pipeline.chat import tokenize_completion
 from pipeline.cli import main as cli_main
 from pipeline.models import load_reward_model, load_tokenizer, resolve_model, write_card
+from pipeline.packed_attention import SharedPrefixRow
 from pipeline.scoring import RewardScorer, score_completions
 from pipeline.store import ArtifactStore
-from stages.reward.groups import bucket_batches, collate, tokenize_comparisons
+from stages.reward.groups import Group, batch_scores, bucket_batches, collate, tokenize_comparisons
 
 CONFIG = REPO / "configs" / "reward-tiny-test.yaml"
 ANSWERS = [
@@ -340,3 +341,71 @@ def test_eval_limit_holds_out_a_seeded_subset_of_the_held_out_groups(tiny_tokeni
     assert len(everything) > 7 and len(limited) == 7
     assert {key(g) for g in limited} <= {key(g) for g in everything}
     assert [key(g) for g in limited] == [key(g) for g in again]
+
+
+def test_a_shared_prefix_row_lays_each_prompt_out_once():
+    # Groups: two rows sharing [1 2 3]; a group of one; a row that the other row extends.
+    row = SharedPrefixRow.of([[[1, 2, 3, 4, 5], [1, 2, 3, 6]], [[7, 8]], [[9], [9, 10]]])
+    assert row.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 0, 1]]
+    assert row.group_lengths == [6, 2, 2]
+    assert row.last.tolist() == [4, 5, 7, 8, 9]
+    # The second row's 6 sees the prompt and itself, not the first row's 4 and 5.
+    assert row.masks[0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ]
+    assert row.masks[1].int().tolist() == [[1, 0], [1, 1]]
+    assert row.masks[2].int().tolist() == [[1, 0], [1, 1]]
+
+
+def test_sharing_prompts_gives_the_padded_scores_and_gradients(tiny_tokenizer, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.packed_attention import use_packed_attention
+
+    records = learnable_comparisons(10, seed=7)
+    long_prompt = [{"role": "user", "content": "Please read this. " * 12 + ANSWERS[1][0]}]
+    records.append({**records[0], "prompt": long_prompt})  # cut on the left, by each completion's length
+    groups, counts = tokenize_comparisons(tiny_tokenizer, records, 64)
+    assert counts.truncated_prompts > 0
+    batch_groups = groups + [Group([groups[0].rows[0]], [0])]  # and a group of one
+    with seeded(0):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    use_packed_attention(model)
+    scorer = RewardScorer(model)
+
+    def scores_and_grads(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        batch = collate(batch_groups, tiny_tokenizer.pad_token_id, share_prompts=share)
+        scores = batch_scores(scorer, batch)
+        scores.square().sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded, padded_grads = scores_and_grads(share=False)
+    shared, shared_grads = scores_and_grads(share=True)
+    # The same sums in another order: equal to float32 rounding, relative to each tensor's largest entry.
+    torch.testing.assert_close(shared, padded, rtol=0, atol=1e-5 * float(padded.abs().max()))
+    assert shared_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(
+            shared_grads[name], grad, rtol=0, atol=1e-4 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_sharing_prompts_without_sdpa_attention_is_refused(tmp_path, store, tiny_model_dir, monkeypatch):
+    from pipeline.models import ModelError
+    from stages.reward import train
+
+    monkeypatch.setattr(
+        train, "use_packed_attention", lambda model: None
+    )  # as if the model ran eager attention
+    cfg = train.Config(model=str(tiny_model_dir), data="unused.jsonl", report_to="none")
+    resolved = resolve_model(cfg.model, store)
+    with pytest.raises(ModelError, match="set share_prompts: false"):
+        train.build_model(cfg, resolved, load_tokenizer(resolved.path), store, torch.float32)

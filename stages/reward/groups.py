@@ -1,8 +1,10 @@
 """Ranked comparisons as tokenized groups, bucketed into batches and packed into one forward pass.
 
 One group is one prompt with its K ranked completions; it is one element of a batch, InstructGPT
-style. `collate` packs the K rows of every group in a batch into a single right-padded tensor, so each
-completion is forwarded once per step (K rows per group, not the 2 * C(K,2) of a pair expansion).
+style. `collate` packs the K rows of every group in a batch into one forward pass, so each completion is
+forwarded once per step (K rows per group, not the 2 * C(K,2) of a pair expansion): right-padded rows, or
+with `share_prompts` one padding-free row in which each group's prompt appears once (its K completions
+attend to it), since the prompt is usually most of a row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import tokenize_completion
 from pipeline.datasets import DataError
+from pipeline.packed_attention import SharedPrefixRow
 from pipeline.scoring import pad_right
 
 # Markup that chat templates put around turns. Finding it inside a message means the record was rendered
@@ -142,16 +145,30 @@ def bucket_batches(groups: Sequence[Group], groups_per_batch: int, seed: int) ->
     ]
 
 
-def collate(batch: Sequence[Group], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack every row of every group into one right-padded batch with flat rank/group/margin vectors."""
-    input_ids, attention_mask = pad_right([row for group in batch for row in group.rows], pad_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
+# The keys of a collated batch that are the scorer's inputs (pipeline.scoring.RewardScorer.forward).
+MODEL_INPUTS = ("input_ids", "attention_mask", "shared_prefix")
+
+
+def collate(batch: Sequence[Group], pad_id: int, *, share_prompts: bool = False) -> dict[str, Any]:
+    """Every row of every group as one forward's input, with flat rank/group/margin vectors in row order.
+
+    The input is a right-padded batch (`input_ids`, `attention_mask`), or with `share_prompts` a
+    `shared_prefix` row: each group's common prefix once, then the rest of each of its rows.
+    """
+    flat = {
         "ranks": torch.tensor([rank for group in batch for rank in group.ranks], dtype=torch.long),
         "groups": torch.tensor([g for g, group in enumerate(batch) for _ in group.rows], dtype=torch.long),
         "margins": torch.tensor([group.margin for group in batch for _ in group.rows], dtype=torch.float32),
     }
+    if share_prompts:
+        return {"shared_prefix": SharedPrefixRow.of([group.rows for group in batch])} | flat
+    input_ids, attention_mask = pad_right([row for group in batch for row in group.rows], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask} | flat
+
+
+def batch_scores(scorer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The scorer's score of every row of a collated batch, in row order."""
+    return scorer(**{key: batch[key] for key in MODEL_INPUTS if key in batch})
 
 
 def batch_for_step(step: int, num_batches: int, process: int, processes: int, seed: int) -> int:
