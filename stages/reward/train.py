@@ -249,7 +249,11 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     accelerator.print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
 
     stats = normalisation_stats(
-        scorer, normalisation_rows(cfg, tokenizer, train_groups), accelerator, tokenizer, cfg.share_prompts
+        scorer,
+        normalisation_rows(cfg, tokenizer, train_groups),
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        share_prompts=cfg.share_prompts,
     )
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in evaluation.items()}
     metrics |= {
@@ -460,6 +464,7 @@ def normalisation_rows(
 def normalisation_stats(
     scorer: torch.nn.Module,
     rows: list[Group],
+    *,
     accelerator: Accelerator,
     tokenizer: PreTrainedTokenizerBase,
     share_prompts: bool,
