@@ -9,7 +9,7 @@ a GPU, or under `accelerate launch` on many.
 The model is a one-output sequence classifier on the SFT policy's trunk, with the policy's tokenizer and
 chat template. After training it scores the SFT demonstrations, and the reward artifact records their
 mean and standard deviation (and InstructGPT's bias: the shift that makes them average 0), so stage 3
-needs nothing but the artifact.
+needs nothing but the artifact. The held-out evaluation and that normalisation are in evaluate.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, SchedulerType, get_scheduler
 
-from pipeline.chat import tokenize_completion
 from pipeline.checkpoints import (
     load_rng,
     load_trainable,
@@ -59,6 +58,7 @@ from pipeline.packed_attention import PACKED_SDPA, use_packed_attention
 from pipeline.scoring import RewardScorer
 from pipeline.store import Artifact, ArtifactStore, default_store_root
 from pipeline.tracking import flat_config, run_folder, tracker_names
+from stages.reward.evaluate import batch_loss, evaluate, normalisation_rows, normalisation_stats
 from stages.reward.groups import (
     DataCounts,
     Group,
@@ -70,7 +70,6 @@ from stages.reward.groups import (
     template_name,
     tokenize_comparisons,
 )
-from stages.reward.losses import add_sums, pairwise_loss, plackett_luce_loss, ranking_metrics, ranking_sums
 
 
 @dataclass
@@ -301,12 +300,6 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, scorer, optimizer, s
     return json.loads((folder / "losses.json").read_text(encoding="utf-8"))
 
 
-def batch_loss(cfg: Config, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if cfg.loss == "plackett-luce":
-        return plackett_luce_loss(scores, batch["ranks"], batch["groups"])
-    return pairwise_loss(scores, batch["ranks"], batch["groups"], batch["margins"] if cfg.margin else None)
-
-
 # -- data ------------------------------------------------------------------------------------------
 
 
@@ -397,96 +390,6 @@ def build_model(
             )
     # SEQ_CLS makes peft train and save the freshly initialised score head along with the adapter.
     return apply_lora(model, cfg.lora, task_type="SEQ_CLS")
-
-
-# -- evaluation and normalisation -------------------------------------------------------------------
-
-
-def process_batches(
-    groups: list[Group], per_batch: int, seed: int, accelerator: Accelerator
-) -> tuple[list[list[Group]], int]:
-    """This process's share of the batches, and how many forwards every process must run.
-
-    Shards, FSDP in particular, need every process to run the same number of forward passes, so a process
-    with fewer batches repeats one and ignores the result.
-    """
-    batches = bucket_batches(groups, per_batch, seed)
-    mine = batches[accelerator.process_index :: accelerator.num_processes]
-    return mine, math.ceil(len(batches) / accelerator.num_processes)
-
-
-@torch.no_grad()
-def evaluate(
-    scorer: torch.nn.Module, groups: list[Group], cfg: Config, accelerator: Accelerator, pad_id: int
-) -> dict[str, float]:
-    """Held-out pairwise accuracy (pooled and per K), mean margin, Kendall tau and loss."""
-    scorer.eval()
-    # Every process must hold the same keys to add them up: list every K of the held-out set.
-    sums = {key: 0.0 for key in ("pairs", "correct", "margin", "groups", "tau", "loss")}
-    for k in sorted({len(g.rows) for g in groups}):
-        sums[f"pairs_k{k}"] = sums[f"correct_k{k}"] = 0.0
-    mine, rounds = process_batches(groups, cfg.groups_per_batch, cfg.seed, accelerator)
-    for i in range(rounds):
-        batch = collate(mine[i] if i < len(mine) else groups[:1], pad_id, share_prompts=cfg.share_prompts)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        scores = batch_scores(scorer, batch)
-        if i >= len(mine):
-            continue  # a padding round (see process_batches)
-        add_sums(sums, ranking_sums(scores, batch["ranks"], batch["groups"]))
-        sums["loss"] += float(batch_loss(cfg, scores, batch)) * len(mine[i])
-    keys = sorted(sums)
-    totals = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "sum")
-    sums = dict(zip(keys, totals.tolist(), strict=True))
-    return ranking_metrics(sums) | {"loss": sums["loss"] / max(sums["groups"], 1.0)}
-
-
-def normalisation_rows(
-    cfg: Config, tokenizer: PreTrainedTokenizerBase, train_groups: list[Group]
-) -> list[Group]:
-    """Demonstrations as one-row groups: prompt = the turns before the last reply, completion = that reply."""
-    if cfg.normalise_on is None:
-        # No demonstrations: the best-ranked completion of each training prompt stands in for one.
-        return [Group([g.rows[g.ranks.index(min(g.ranks))]], [0]) for g in train_groups]
-    loaded = load_records(
-        cfg.normalise_on, "conversation", skip_invalid=cfg.skip_invalid, limit=cfg.normalise_limit
-    )
-    check_plain_text(loaded.records, loaded.source, template_name(tokenizer))
-    rows = []
-    for record in loaded.records:
-        *prompt, reply = record["messages"]  # a conversation ends with an assistant turn
-        rows.append(
-            Group([tokenize_completion(tokenizer, prompt, reply["content"], cfg.max_length).input_ids], [0])
-        )
-    return rows
-
-
-@torch.no_grad()
-def normalisation_stats(
-    scorer: torch.nn.Module,
-    rows: list[Group],
-    *,
-    accelerator: Accelerator,
-    tokenizer: PreTrainedTokenizerBase,
-    share_prompts: bool,
-) -> dict[str, float]:
-    """Mean and standard deviation of the raw reward over the demonstrations, and the bias that zeroes the mean."""
-    scorer.eval()
-    mine, rounds = process_batches(rows, 32, 0, accelerator)
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # count, sum, sum of squares
-    for i in range(rounds):
-        batch = collate(
-            mine[i] if i < len(mine) else rows[:1], tokenizer.pad_token_id, share_prompts=share_prompts
-        )
-        scores = batch_scores(scorer, {k: v.to(accelerator.device) for k, v in batch.items()})
-        if i < len(mine):
-            scores = scores.double()
-            sums += torch.stack(
-                [torch.tensor(len(scores), dtype=torch.float64), scores.sum(), (scores**2).sum()]
-            )
-    count, total, squares = accelerator.reduce(sums, "sum").tolist()
-    mean = total / count
-    std = math.sqrt(max(squares / count - mean**2, 0.0))
-    return {"reward_mean": mean, "reward_std": std, "reward_bias": -mean, "normalised_on": int(count)}
 
 
 # -- publishing ------------------------------------------------------------------------------------
