@@ -80,6 +80,33 @@ def build_peaked_policy(tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
+def build_stopping_policy(tokenizer, out_dir: Path, *, push: float = 3.0) -> Path:
+    """The peaked policy with its stop tokens' output rows moved along the mean last hidden state of the demo
+    prompts, so that sampled replies end now and then (the peaked policy alone never stops in 12 tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chat import prompt_ids, stop_token_ids
+    from pipeline.datasets import load_records
+
+    build_peaked_policy(tokenizer, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    prompts = load_records(DEMO_DATA / "prompts.jsonl", "prompt").records[:16]
+    with torch.no_grad():
+        hidden = [
+            model(
+                torch.tensor([prompt_ids(tokenizer, r["prompt"])[-48:]]), output_hidden_states=True
+            ).hidden_states[-1][0]
+            for r in prompts
+        ]
+        direction = torch.cat(hidden).mean(0)
+        for token in stop_token_ids(
+            tokenizer
+        ):  # tied embeddings: the input rows move too, unused after a stop
+            model.lm_head.weight[token] += push * direction / direction.norm() ** 2
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def publish_tiny_pair(store: ArtifactStore, policy_dir: Path, tokenizer, tmp_path: Path) -> tuple[str, str]:
     """Publish a tiny policy as an `sft` artifact and the liking reward model as a `reward` one."""
     sft = store.publish("sft", policy_dir, config={"test": True}, meta={})

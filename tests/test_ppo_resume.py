@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from ppo_helpers import build_peaked_policy, publish_tiny_pair, write_config
+from ppo_helpers import build_peaked_policy, build_stopping_policy, publish_tiny_pair, write_config
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import checkpoints
@@ -105,3 +105,29 @@ def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(store, tiny_tokeni
     assert f"moved to {aside}" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoints(run_dir)) == ["checkpoint-000001", "checkpoint-000002"]
     assert len(store.list("ppo")) == 2
+
+
+def test_a_resumed_run_keeps_the_length_fit_it_started_with(store, tiny_tokenizer, tmp_path, capsys):
+    """With length_correction: linear the fit made before step 1 shapes every reward after it: a resume must
+    reuse the checkpoint's fit (not sample a new one from the trained policy) and end where a straight run
+    ends, bit for bit."""
+    policy = build_stopping_policy(tiny_tokenizer, tmp_path / "policy")
+    publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
+    config = write_config(
+        tmp_path / "ppo.yaml", store, steps=2, checkpoint_every=1, eval_prompts=None, sample_every=0,
+        length_correction="linear", length_calibration=8, batch_size=4, mini_batch_size=4,
+    )  # fmt: skip
+    run(load_config(Config, config, ["--run_name", "halves", "--steps", "1"]), store)
+    assert "length correction:" in capsys.readouterr().out
+    resumed = run(load_config(Config, config, ["--run_name", "halves", "--resume", "latest"]), store)
+    assert "length correction:" not in capsys.readouterr().out, (
+        "the resumed run fitted the length trend again"
+    )
+    straight = run(load_config(Config, config, ["--run_name", "straight"]), store)
+
+    fit = {k: v for k, v in straight.metrics.items() if k.startswith("length_fit_")}
+    assert fit and {k: resumed.metrics[k] for k in fit} == fit
+    ours, theirs = weights(Path(resumed.uri)), weights(Path(straight.uri))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
