@@ -99,9 +99,8 @@ def build_stopping_policy(tokenizer, out_dir: Path, *, push: float = 3.0) -> Pat
             for r in prompts
         ]
         direction = torch.cat(hidden).mean(0)
-        for token in stop_token_ids(
-            tokenizer
-        ):  # tied embeddings: the input rows move too, unused after a stop
+        # Tied embeddings: the stop tokens' input rows move too, which nothing reads after a stop.
+        for token in stop_token_ids(tokenizer):
             model.lm_head.weight[token] += push * direction / direction.norm() ** 2
     model.save_pretrained(out_dir)
     return out_dir
