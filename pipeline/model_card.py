@@ -405,7 +405,10 @@ def limits(stage: str, kind: str, metrics: dict[str, Any], meta: dict[str, Any])
             "- Its gains are as judged by the reward model it was trained against, not by people; "
             f"KL to the SFT policy ended at {fmt(metrics.get('eval_kl_final'))}."
         )
-        lines.append("- The value model trained with it (`value/` in the artifact) is not part of an export.")
+        if meta.get("value_model", True):  # PPO with advantage: rloo trains none
+            lines.append(
+                "- The value model trained with it (`value/` in the artifact) is not part of an export."
+            )
     return "\n".join(lines)
 
 

@@ -131,3 +131,26 @@ def test_a_resumed_run_keeps_the_length_fit_it_started_with(store, tiny_tokenize
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_a_run_without_a_value_model_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path):
+    """With advantage: rloo a checkpoint holds the policy alone; resumed, the run still ends bit for bit where
+    a straight one ends, its replies drawn in the same groups of one prompt."""
+    policy = build_peaked_policy(tiny_tokenizer, tmp_path / "policy")
+    publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
+    config = write_config(
+        tmp_path / "ppo.yaml", store, steps=2, checkpoint_every=1, eval_prompts=None, sample_every=0,
+        advantage="rloo", samples_per_prompt=4, batch_size=8, mini_batch_size=4,
+    )  # fmt: skip
+    run(load_config(Config, config, ["--run_name", "halves", "--steps", "1"]), store)
+    resumed = run(load_config(Config, config, ["--run_name", "halves", "--resume", "latest"]), store)
+    straight = run(load_config(Config, config, ["--run_name", "straight"]), store)
+
+    assert not (Path(resumed.uri) / "value").exists()
+    ours = load_file(str(Path(resumed.uri) / "adapter_model.safetensors"))
+    theirs = load_file(str(Path(straight.uri) / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert any(v.abs().max() > 0 for k, v in ours.items() if "lora_B" in k)  # peft starts B at zero: it trained
+    assert resumed.metrics["train_score_final"] == straight.metrics["train_score_final"]

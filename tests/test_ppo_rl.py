@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from stages.ppo import rl
@@ -242,3 +243,20 @@ def test_the_length_corrected_critic_spares_replies_cut_off_by_the_limit():
     # The value before response token j, j tokens written: 0 - 0.5 * (j - 4), the same on every row.
     assert critic.values(seq, Shared()).tolist() == [[2.0, 1.5, 1.0, 0.5, 0.0]] * 2
     assert critic.prepared(torch.nn.Identity()).fit == critic.fit
+
+
+def test_leave_one_out_advantages_subtract_the_mean_of_the_other_replies_to_the_prompt():
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, -1.0, 2.0])
+    # groups of two: the other reply is the baseline
+    torch.testing.assert_close(
+        rl.leave_one_out_advantages(returns, 2), torch.tensor([-1.0, 1.0, -3.0, 3.0, 0.0, 0.0, -3.0, 3.0])
+    )
+    # groups of four, by hand: 1 - (2 + 3 + 6) / 3 = -8/3, 2 - 10/3 = -4/3, 3 - 3 = 0, 6 - 2 = 4
+    first = rl.leave_one_out_advantages(returns, 4)[:4]
+    torch.testing.assert_close(first, torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_leave_one_out_advantages_need_whole_groups_of_two_or_more(group_size):
+    with pytest.raises(ValueError, match="groups of"):
+        rl.leave_one_out_advantages(torch.zeros(8), group_size)

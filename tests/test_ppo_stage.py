@@ -288,6 +288,26 @@ def test_value_head_on_the_reward_trunk(store, published, tmp_path):
     )  # trained from the RM's
 
 
+def test_leave_one_out_advantages_raise_the_reward_with_no_value_model(store, published, tmp_path):
+    # Four replies to each of four prompts a step; each reply's baseline is the other three's return.
+    overrides = ["--advantage", "rloo", "--samples_per_prompt", "4", "--steps", "12", "--eval_limit", "16",
+                 "--num_samples", "4"]  # fmt: skip
+    cfg = load_config(Config, write_config(tmp_path / "ppo.yaml", store), overrides)
+    artifact = run(cfg, store)
+    metrics = artifact.metrics
+    assert metrics["eval_score_final"] > metrics["eval_score_initial"] + 0.25, metrics
+    folder = Path(artifact.uri)
+    assert not (folder / "value").exists() and artifact.manifest["meta"]["value_model"] is False
+    assert "value model trained with it" not in (folder / "README.md").read_text()
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert all("value_loss" not in h for h in history[1:]) and math.isfinite(history[-1]["policy_loss"])
+    # The logged samples are the first four replies of a step: one prompt's group, four different replies.
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    for step in {s["step"] for s in samples}:
+        group = [s for s in samples if s["step"] == step]
+        assert len({json.dumps(s["prompt"]) for s in group}) == 1 and len({s["response"] for s in group}) > 1, group
+
+
 def test_a_length_trend_needs_replies_that_finish(store, published, tmp_path):
     # The tiny policy never samples its stop token in 12 tokens: nothing to fit a length trend on, so the run
     # is refused before its first step, naming the fix, and publishes nothing.

@@ -50,6 +50,9 @@ class Config:
     """PPO steps (rollout + update) to run."""
     batch_size: int = 16
     """Rollouts per step, all processes together (each process samples batch_size / processes)."""
+    samples_per_prompt: int = 1
+    """Replies sampled to each prompt in a step (batch_size counts replies: batch_size / samples_per_prompt
+    prompts a step); advantage: rloo needs at least 2."""
     mini_batch_size: int = 8
     """Rollouts per optimizer step, all processes together."""
     ppo_epochs: int = 4
@@ -94,6 +97,12 @@ class Config:
     """Standardised reward-model scores are clipped to +-reward_clip."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a response that never emits a stop token; null: no penalty."""
+    advantage: Literal["gae", "rloo"] = "gae"
+    """How a reply's advantage is estimated. gae: from a value model trained beside the policy (InstructGPT;
+    the `critic` and `value_*` settings say which). rloo: no value model: the reply's return (its score less
+    the KL penalty) minus the mean return of the other replies to the same prompt (samples_per_prompt of
+    them; Ahmadian et al. 2024), the same for each of its tokens. A step then has no value pass or update,
+    and the baseline is the prompt's own, which a value model has to learn first."""
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95
@@ -165,6 +174,20 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError(
+                "advantage: rloo takes each reply's baseline from the other replies to its prompt, so it "
+                f"needs samples_per_prompt of at least 2, got {self.samples_per_prompt}"
+            )
+        if self.advantage == "rloo" and (self.critic != "trunk" or self.critic_layers):
+            raise ValueError(
+                "advantage: rloo trains no value model, so critic and critic_layers do not apply; "
+                "leave them unset or use advantage: gae"
+            )
         if self.batch_size % self.mini_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"

@@ -16,6 +16,8 @@ Two speed-ups trade a less flexible value function for time, each its own implem
   head) reads the frozen reward model's last hidden states, which scoring computes anyway; the value
   model then costs no forward or backward pass at all.
 
+With `advantage: rloo` there is no value model: RewardOnly is the frozen reward model and scores alone.
+
 `net` is the module Accelerate prepares (and DDP wraps): value passes with a gradient go through it.
 """
 
@@ -169,31 +171,41 @@ class ValueHead(nn.Module):
         return self.units.of(self.score, hidden)
 
 
-class HeadCritic:
-    """A value head on the frozen reward model's last hidden states (critic: head)."""
+class RewardOnly:
+    """The frozen reward model alone, for advantages that need no value model (advantage: rloo): `net` is
+    None, and there is nothing to train or save."""
+
+    net = None
 
     def __init__(self, reward: nn.Module, *, units: Units):
         self.reward = reward
+        self.units = units
+
+    @torch.no_grad()
+    def prepare(self, seq: Sequences) -> Shared:
+        """One reward-trunk pass: the input of the score (and of a value head, below)."""
+        return Shared(model_hidden(self.reward, seq.input_ids, seq.attention_mask))
+
+    @torch.no_grad()
+    def scores(self, seq: Sequences, shared: Shared) -> Tensor:
+        return self.units.of(transformers_model(self.reward).score, last_token(shared.hidden, seq))
+
+
+class HeadCritic(RewardOnly):
+    """A value head on the frozen reward model's last hidden states (critic: head)."""
+
+    def __init__(self, reward: nn.Module, *, units: Units):
+        super().__init__(reward, units=units)
         self.net = ValueHead(transformers_model(reward).score.weight.detach(), units)
         self.head = self.net
         """The unwrapped head, for saving."""
-        self.units = units
 
     def prepared(self, net: nn.Module) -> HeadCritic:
         self.net = net
         return self
 
-    @torch.no_grad()
-    def prepare(self, seq: Sequences) -> Shared:
-        """One reward-trunk pass: the score's and every value's input."""
-        return Shared(model_hidden(self.reward, seq.input_ids, seq.attention_mask))
-
     def values(self, seq: Sequences, shared: Shared) -> Tensor:
         return self.net(response_slice(shared.hidden, seq))
-
-    @torch.no_grad()
-    def scores(self, seq: Sequences, shared: Shared) -> Tensor:
-        return self.units.of(transformers_model(self.reward).score, last_token(shared.hidden, seq))
 
     def save(self, folder: Path, *, base: str, adapter: bool) -> None:
         folder.mkdir(parents=True)
@@ -217,10 +229,7 @@ def load_critic(
 ) -> TrunkCritic | HeadCritic:
     """The value model and the reward model for `kind` (trunk | head) and `value_init` (reward | policy)."""
     dtype = training_dtype(device)
-    units = Units(
-        float(reward_source.card.get("reward_mean", 0.0)),
-        float(reward_source.card.get("reward_std", 1.0)) or 1.0,
-    )
+    units = reward_units(reward_source)
     rm = classifier(reward_source, store, dtype, pad_id)
     if critic_layers and (kind == "head" or value_init != "reward" or not lora.enabled):
         raise ModelError(
@@ -249,6 +258,22 @@ def load_critic(
             disable_dropout(model)
             model.to(device)
     return critic
+
+
+def load_reward_only(
+    reward_source: ResolvedModel, store: ArtifactStore, *, pad_id: int, device: torch.device
+) -> RewardOnly:
+    """The frozen reward model, scoring in its standardised units, with no value model beside it."""
+    rm = classifier(reward_source, store, training_dtype(device), pad_id)
+    return RewardOnly(frozen(rm).to(device), units=reward_units(reward_source))
+
+
+def reward_units(reward_source: ResolvedModel) -> Units:
+    """The units the reward artifact's card gives for standardising its raw scores."""
+    return Units(
+        float(reward_source.card.get("reward_mean", 0.0)),
+        float(reward_source.card.get("reward_std", 1.0)) or 1.0,
+    )
 
 
 def classifier(source: ResolvedModel, store: ArtifactStore, dtype: torch.dtype, pad_id: int) -> nn.Module:

@@ -24,7 +24,7 @@ from pipeline.store import Artifact, ArtifactStore
 from pipeline.tracking import log_samples, run_folder
 from stages.ppo.checkpoint import RunState
 from stages.ppo.config import Config
-from stages.ppo.critic import Critic
+from stages.ppo.critic import Critic, RewardOnly
 from stages.ppo.policy import Policy
 
 
@@ -85,14 +85,15 @@ def publish(
     acc: Accelerator,
     *,
     policy: Policy,
-    critic: Critic,
+    critic: Critic | RewardOnly,
     tokenizer: PreTrainedTokenizerBase,
     state: RunState,
     summary: dict[str, float],
     pairs: list[dict],
     run_dir: Path,
 ) -> Artifact | None:
-    """Policy (adapter or full weights) + tokenizer at the root, the value model under value/, logs beside.
+    """Policy (adapter or full weights) + tokenizer at the root, the value model (if any) under value/, logs
+    beside.
 
     The policy loads with pipeline.models.load_causal_lm (SFT + merged adapter); the value model with
     load_reward_model (a trunk critic) or as value/value_head.safetensors over the reward model.
@@ -108,10 +109,11 @@ def publish(
             write_card(
                 out, {"kind": "causal_lm"} | ({"adapter_base": source_of(sft)} if cfg.lora.enabled else {})
             )
-            critic.save(out / "value", base=source_of(value_base), adapter=cfg.lora.enabled)
-            (out / "value" / "README.md").unlink(
-                missing_ok=True
-            )  # peft's empty template; the root card covers it
+            if critic.net is not None:  # advantage: rloo trains no value model
+                critic.save(out / "value", base=source_of(value_base), adapter=cfg.lora.enabled)
+                (out / "value" / "README.md").unlink(
+                    missing_ok=True
+                )  # peft's empty template; the root card covers it
             logs = (
                 ("metrics.jsonl", state.history),
                 ("samples.jsonl", state.samples),
@@ -136,6 +138,7 @@ def publish(
             meta = {
                 "adapter": cfg.lora.enabled,
                 "value_init": cfg.value_init,
+                "value_model": critic.net is not None,
                 "base_policy": source_of(sft),
                 "rollout_engine": state.engine,
             } | run_folder(run_dir)

@@ -6,7 +6,8 @@ is at index mask[b].sum() - 1. Everything here is deterministic and free of mode
 is tested against numbers worked out by hand (tests/test_ppo_rl.py).
 
 References: Ziegler et al. 2019 (KL-shaped rewards, adaptive KL controller), Schulman et al. 2016 (GAE),
-Schulman et al. 2017 (clipped surrogate), Schulman's "Approximating KL divergence" note (k1, k3).
+Schulman et al. 2017 (clipped surrogate), Schulman's "Approximating KL divergence" note (k1, k3), Ahmadian
+et al. 2024 (REINFORCE leave-one-out: a baseline from the other replies to the same prompt).
 """
 
 from __future__ import annotations
@@ -185,6 +186,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
         next_value, next_advantage = values[:, t], advantages[:, t]
     return advantages, (advantages + values) * mask
+
+
+def leave_one_out_advantages(returns: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): each reply's return less the mean return of the other replies to the
+    same prompt, a baseline that needs no value model. returns [B], each prompt's `group_size` replies
+    adjacent -> [B]."""
+    if group_size < 2 or returns.shape[0] % group_size:
+        raise ValueError(f"{returns.shape[0]} returns do not split into groups of {group_size} (at least 2)")
+    groups = returns.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
 
 
 # -- losses ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 1. rollout: a batch of prompts (data.py, each process its shard), responses sampled by the rollout
    engine (pipeline.generation) from the policy's weights as of the last update;
 2. score: the reference log-probs (policy.py), the values and the reward model's scores (critic.py);
-3. advantages: KL-shaped per-token rewards and GAE (rl.py, the maths as pure functions);
+3. advantages: KL-shaped per-token rewards and GAE (rl.py, the maths as pure functions), or with
+   `advantage: rloo` no value model: each reply's return against its prompt's other replies;
 4. update: `ppo_epochs` passes of clipped policy and value losses over mini-batches (with PPO-ptx's
    language-model loss when ptx_coef is set: ptx.py), then the engine takes the new weights;
 5. log, evaluate now and then (evaluate.py), and checkpoint (checkpoint.py: resume is exact).
@@ -39,7 +40,7 @@ from pipeline.tracking import flat_config, tracker_names
 from stages.ppo import checkpoint, rl
 from stages.ppo.checkpoint import RunState, Trained
 from stages.ppo.config import Config
-from stages.ppo.critic import Critic, load_critic
+from stages.ppo.critic import Critic, RewardOnly, load_critic, load_reward_only
 from stages.ppo.data import load_evaluation, load_prompts, take, with_data_files
 from stages.ppo.length import LengthCorrected, LengthFit, calibrate
 from stages.ppo.passes import Shared
@@ -63,6 +64,11 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
         raise ValueError(
             f"batch_size and mini_batch_size must be multiples of the {acc.num_processes} processes"
         )
+    if (cfg.batch_size // cfg.samples_per_prompt) % acc.num_processes:
+        raise ValueError(
+            f"the {cfg.batch_size // cfg.samples_per_prompt} prompts a step (batch_size / samples_per_prompt) "
+            f"must be a multiple of the {acc.num_processes} processes: each process samples whole prompts"
+        )
     run_dir = Path(cfg.output_dir) / cfg.run_name
     # A resume whose settings would alter the run is refused here, naming the key (--force accepts it).
     resume_from = start_or_resume(run_dir, cfg.resume, to_dict(cfg), force=cfg.force)
@@ -74,31 +80,23 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     policy = load_policy_and_reference(
         sft, store, tokenizer, lora=cfg.lora, policy_layers=cfg.policy_layers, device=acc.device
     )
-    critic = load_critic(
-        reward_source,
-        sft,
-        store,
-        kind=cfg.critic,
-        value_init=cfg.value_init,
-        lora=cfg.lora,
-        critic_layers=cfg.critic_layers,
-        pad_id=tokenizer.pad_token_id,
-        device=acc.device,
-    )
-    updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    policy_net, critic_net, policy_opt, critic_opt = acc.prepare(
-        policy.net,
-        critic.net,
-        adamw(policy.net, cfg.learning_rate, cfg.weight_decay),
-        adamw(critic.net, cfg.value_learning_rate, cfg.weight_decay),
-    )
-    policy, critic = policy.prepared(policy_net), critic.prepared(critic_net)
-    trained = [
-        Trained("policy", policy_net, policy_opt, schedule(cfg, policy_opt, updates), cfg.learning_rate),
-        Trained(
-            "critic", critic_net, critic_opt, schedule(cfg, critic_opt, updates), cfg.value_learning_rate
-        ),
-    ]
+    if cfg.advantage == "rloo":  # the reward model alone: no value model to train
+        critic: Critic | RewardOnly = load_reward_only(
+            reward_source, store, pad_id=tokenizer.pad_token_id, device=acc.device
+        )
+    else:
+        critic = load_critic(
+            reward_source,
+            sft,
+            store,
+            kind=cfg.critic,
+            value_init=cfg.value_init,
+            lora=cfg.lora,
+            critic_layers=cfg.critic_layers,
+            pad_id=tokenizer.pad_token_id,
+            device=acc.device,
+        )
+    policy, critic, trained = prepare_trained(acc, policy, critic, cfg)
     engine = make_engine(
         cfg.rollout_engine, policy.lm, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id
     )
@@ -153,8 +151,11 @@ def run(cfg: Config, store: ArtifactStore) -> Artifact | None:
     while state.step < cfg.steps:
         tick = time.perf_counter()
         # 1. rollout
-        batch = take(len(prompts), cfg.batch_size, state.prompt_position, cfg.seed)
-        mine = batch[acc.process_index :: acc.num_processes]
+        batch = take(len(prompts), cfg.batch_size // cfg.samples_per_prompt, state.prompt_position, cfg.seed)
+        # each process samples whole prompts, their replies adjacent (rloo's groups)
+        mine = [
+            i for i in batch[acc.process_index :: acc.num_processes] for _ in range(cfg.samples_per_prompt)
+        ]
         seq = engine.sample([prompts[i] for i in mine], settings, generator)
         rollout_s = time.perf_counter() - tick
         # 2. score and 3. advantages
@@ -264,12 +265,14 @@ class Rollouts:
 
 
 @torch.no_grad()
-def score(seq: Sequences, policy: Policy, critic: Critic, cfg: Config, beta: float) -> Rollouts:
-    """Reference log-probs, values and scores, then KL-shaped rewards and (whitened) GAE advantages."""
+def score(seq: Sequences, policy: Policy, critic: Critic | RewardOnly, cfg: Config, beta: float) -> Rollouts:
+    """Reference log-probs, values and scores, then KL-shaped rewards and (whitened) advantages: GAE over
+    the values, or (advantage: rloo, no values) each reply's return against its prompt's other replies."""
     policy_shared, critic_shared = policy.prepare(seq), critic.prepare(seq)
     ref_logprobs = policy.reference_logprobs(seq, policy_shared, cfg.temperature)
     mask = seq.response_mask
-    values = critic.values(seq, critic_shared) * mask
+    if cfg.advantage == "gae":
+        values = critic.values(seq, critic_shared) * mask
     scores = rl.clip_and_penalise(
         critic.scores(seq, critic_shared),
         seq.ended,
@@ -278,7 +281,11 @@ def score(seq: Sequences, policy: Policy, critic: Critic, cfg: Config, beta: flo
     )
     penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = rl.shaped_rewards(scores, penalty, mask, beta)
-    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.advantage == "gae":
+        advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    else:  # no value model: values and returns stay zero, nothing fits them
+        values = returns = torch.zeros_like(rewards)
+        advantages = rl.leave_one_out_advantages(rewards.sum(-1), cfg.samples_per_prompt)[:, None] * mask
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     return Rollouts(
@@ -300,7 +307,7 @@ def score(seq: Sequences, policy: Policy, critic: Critic, cfg: Config, beta: flo
 def update(
     rollouts: Rollouts,
     policy: Policy,
-    critic: Critic,
+    critic: Critic | RewardOnly,
     trained: list[Trained],
     *,
     cfg: Config,
@@ -310,8 +317,9 @@ def update(
     ptx_position: list[int],
     pad_id: int,
 ) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy and value updates over mini-batches; the mean losses."""
-    policy_trained, critic_trained = trained
+    """`ppo_epochs` passes of clipped policy and value updates (when there is a value model) over
+    mini-batches; the mean losses."""
+    policy_trained, *critic_trained = trained
     stats: dict[str, list[float]] = defaultdict(list)
     size, mini = rollouts.scores.shape[0], cfg.mini_batch_size // acc.num_processes
     for _ in range(cfg.ppo_epochs):
@@ -340,20 +348,43 @@ def update(
             else:
                 acc.backward(objective)
             policy_trained.step(acc, cfg.max_grad_norm)
-
-            values = critic.values(part.seq, part.critic_shared)
-            value_loss, value_clip = rl.clipped_value_loss(
-                values, part.values, part.returns, mask, cfg.value_clip_range
-            )
-            acc.backward(value_loss)
-            critic_trained.step(acc, cfg.max_grad_norm)
             stats["policy_loss"].append(loss.loss.item())
-            stats["value_loss"].append(value_loss.item())
             stats["entropy"].append(entropy.item())
             stats["approx_kl"].append(loss.approx_kl.item())
             stats["clip_fraction"].append(loss.clip_fraction.item())
-            stats["value_clip_fraction"].append(value_clip.item())
+
+            for value_trained in critic_trained:  # none with advantage: rloo
+                values = critic.values(part.seq, part.critic_shared)
+                value_loss, value_clip = rl.clipped_value_loss(
+                    values, part.values, part.returns, mask, cfg.value_clip_range
+                )
+                acc.backward(value_loss)
+                value_trained.step(acc, cfg.max_grad_norm)
+                stats["value_loss"].append(value_loss.item())
+                stats["value_clip_fraction"].append(value_clip.item())
     return {key: sum(v) / len(v) for key, v in stats.items()}
+
+
+def prepare_trained(
+    acc: Accelerator, policy: Policy, critic: Critic | RewardOnly, cfg: Config
+) -> tuple[Policy, Critic | RewardOnly, list[Trained]]:
+    """What trains, as Accelerate wraps it: the policy, and the value model when there is one (`critic.net`),
+    each with its optimizer and learning-rate schedule."""
+    nets = [policy.net] + ([critic.net] if critic.net is not None else [])
+    rates = [cfg.learning_rate, cfg.value_learning_rate][: len(nets)]
+    optimizers = [adamw(net, rate, cfg.weight_decay) for net, rate in zip(nets, rates, strict=True)]
+    prepared = acc.prepare(*nets, *optimizers)
+    nets, optimizers = prepared[: len(nets)], prepared[len(nets) :]
+    updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    names = ("policy", "critic")[: len(nets)]
+    trained = [
+        Trained(name, net, optimizer, schedule(cfg, optimizer, updates), rate)
+        for name, net, optimizer, rate in zip(names, nets, optimizers, rates, strict=True)
+    ]
+    policy = policy.prepared(nets[0])
+    if len(nets) > 1:
+        critic = critic.prepared(nets[1])
+    return policy, critic, trained
 
 
 def adamw(module: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
@@ -396,7 +427,7 @@ def rollout_metrics(rollouts: Rollouts, acc: Accelerator, beta: float) -> dict[s
 def health_problem(metrics: dict[str, float], max_kl: float | None) -> str | None:
     """What is wrong with a step's metrics, in a few words, or None when nothing is."""
     for key in ("policy_loss", "value_loss", "score", "kl", "reward"):
-        if not math.isfinite(metrics[key]):
+        if key in metrics and not math.isfinite(metrics[key]):  # no value_loss without a value model
             return f"{key} is {metrics[key]}"
     if max_kl is not None and metrics["kl"] > max_kl:
         return (
