@@ -271,8 +271,6 @@ def score(seq: Sequences, policy: Policy, critic: Critic | RewardOnly, cfg: Conf
     policy_shared, critic_shared = policy.prepare(seq), critic.prepare(seq)
     ref_logprobs = policy.reference_logprobs(seq, policy_shared, cfg.temperature)
     mask = seq.response_mask
-    if cfg.advantage == "gae":
-        values = critic.values(seq, critic_shared) * mask
     scores = rl.clip_and_penalise(
         critic.scores(seq, critic_shared),
         seq.ended,
@@ -282,6 +280,7 @@ def score(seq: Sequences, policy: Policy, critic: Critic | RewardOnly, cfg: Conf
     penalty = rl.kl_estimate(seq.logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = rl.shaped_rewards(scores, penalty, mask, beta)
     if cfg.advantage == "gae":
+        values = critic.values(seq, critic_shared) * mask
         advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     else:  # no value model: values and returns stay zero, nothing fits them
         values = returns = torch.zeros_like(rewards)
@@ -370,19 +369,19 @@ def prepare_trained(
 ) -> tuple[Policy, Critic | RewardOnly, list[Trained]]:
     """What trains, as Accelerate wraps it: the policy, and the value model when there is one (`critic.net`),
     each with its optimizer and learning-rate schedule."""
-    nets = [policy.net] + ([critic.net] if critic.net is not None else [])
-    rates = [cfg.learning_rate, cfg.value_learning_rate][: len(nets)]
-    optimizers = [adamw(net, rate, cfg.weight_decay) for net, rate in zip(nets, rates, strict=True)]
-    prepared = acc.prepare(*nets, *optimizers)
-    nets, optimizers = prepared[: len(nets)], prepared[len(nets) :]
+    parts = [("policy", policy.net, cfg.learning_rate)]
+    if critic.net is not None:
+        parts.append(("critic", critic.net, cfg.value_learning_rate))
+    optimizers = [adamw(net, rate, cfg.weight_decay) for _, net, rate in parts]
+    prepared = acc.prepare(*(net for _, net, _ in parts), *optimizers)
+    nets, optimizers = prepared[: len(parts)], prepared[len(parts) :]
     updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    names = ("policy", "critic")[: len(nets)]
     trained = [
         Trained(name, net, optimizer, schedule(cfg, optimizer, updates), rate)
-        for name, net, optimizer, rate in zip(names, nets, optimizers, rates, strict=True)
+        for (name, _, rate), net, optimizer in zip(parts, nets, optimizers, strict=True)
     ]
     policy = policy.prepared(nets[0])
-    if len(nets) > 1:
+    if critic.net is not None:
         critic = critic.prepared(nets[1])
     return policy, critic, trained
 
