@@ -148,6 +148,18 @@ def test_logprobs_entropy_and_exact_kl_from_logits():
     close(rl.kl_from_logits(logits, uniform), [[0.130812, 0.0]])
 
 
+def test_blockwise_exact_kl_matches_the_log_softmax_formula(monkeypatch):
+    # 3 x 5 = 15 rows in blocks of 4 leaves a partial last block; float64 for a reference without rounding
+    monkeypatch.setattr(rl, "KL_ROWS_PER_BLOCK", 4)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=generator, dtype=torch.float64) * 3
+    ref_logits = logits + torch.randn(3, 5, 11, generator=generator, dtype=torch.float64)
+    log_p, log_q = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(rl.kl_from_logits(logits, ref_logits), expected, rtol=1e-10, atol=1e-12)
+    close(rl.kl_from_logits(logits, logits), torch.zeros(3, 5).tolist())  # a distribution against itself
+
+
 def test_blockwise_logprobs_match_log_softmax_values_and_gradients(monkeypatch):
     # 3 x 5 = 15 rows in blocks of 4 leaves a partial last block
     monkeypatch.setattr(rl, "ROWS_PER_BLOCK", 4)

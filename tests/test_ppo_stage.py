@@ -90,8 +90,9 @@ def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
     shared = policy.prepare(seq)
     assert shared.hidden is not None and shared.hidden.shape[:2] == seq.input_ids.shape
     kept = mask.bool()
-    full = policy.current_logits(seq)
+    full = policy.current_logits(seq, Shared())
     torch.testing.assert_close(policy.logits(seq, shared)[kept], full[kept])
+    torch.testing.assert_close(policy.current_logits(seq, shared)[kept], full[kept])  # the evaluation's pass
     reference = policy.reference_logits(seq, shared)
     torch.testing.assert_close(reference[kept], policy.reference_logits(seq, Shared())[kept])
     assert (reference - full)[kept].abs().max() > 1e-3  # the top layer's adapter is live
@@ -101,7 +102,7 @@ def test_policy_on_the_top_layers_shares_the_lower_ones_with_the_reference(
     assert part.seq.input_ids.shape[1] < seq.input_ids.shape[1]  # padding columns nobody uses are cut
     logits = policy.logits(part.seq, part.policy_shared)
     part_kept = part.seq.response_mask.bool()
-    torch.testing.assert_close(logits[part_kept], policy.current_logits(part.seq)[part_kept])
+    torch.testing.assert_close(logits[part_kept], policy.current_logits(part.seq, Shared())[part_kept])
     logprobs, _ = rl.logprobs_and_entropy(logits, part.seq.response)
     (logprobs * part.seq.response_mask).sum().backward()
     grads = {name for name, p in lm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -305,7 +306,8 @@ def test_leave_one_out_advantages_raise_the_reward_with_no_value_model(store, pu
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     for step in {s["step"] for s in samples}:
         group = [s for s in samples if s["step"] == step]
-        assert len({json.dumps(s["prompt"]) for s in group}) == 1 and len({s["response"] for s in group}) > 1, group
+        assert len({json.dumps(s["prompt"]) for s in group}) == 1, group  # one prompt a group
+        assert len({s["response"] for s in group}) > 1, group  # with replies that differ
 
 
 def test_a_length_trend_needs_replies_that_finish(store, published, tmp_path):

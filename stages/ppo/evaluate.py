@@ -27,7 +27,6 @@ from pipeline.scoring import LoadedRewardModel
 from stages.ppo import rl
 from stages.ppo.config import Config
 from stages.ppo.critic import Critic
-from stages.ppo.passes import Shared
 from stages.ppo.policy import Policy
 
 PAIRS_PER_SET = 5
@@ -143,8 +142,9 @@ class Evaluation:
                 proxy = self.proxy_scores(critic, seq).tolist()
                 kl = [0.0] * len(chunk)
                 if policy is not None:
-                    logits = policy.current_logits(seq) / kl_temperature
-                    ref_logits = policy.reference_logits(seq, Shared()) / kl_temperature
+                    shared = policy.prepare(seq)  # the bottom layers the two share, run once
+                    logits = policy.current_logits(seq, shared) / kl_temperature
+                    ref_logits = policy.reference_logits(seq, shared) / kl_temperature
                     kl = (rl.kl_from_logits(logits, ref_logits) * seq.response_mask).sum(-1).tolist()
                 for j, i in enumerate(chunk):
                     length = int(seq.response_mask[j].sum())

@@ -97,9 +97,10 @@ class Policy:
                 yield self.lm
 
     @torch.no_grad()
-    def current_logits(self, seq: Sequences) -> Tensor:
-        """The policy's logits [B, R, V] without a gradient (evaluation)."""
-        return PolicyNet(self.lm, 0)(seq, Shared())
+    def current_logits(self, seq: Sequences, shared: Shared) -> Tensor:
+        """The policy's logits at the response positions [B, R, V] without a gradient (evaluation), from
+        the shared layers' output when given."""
+        return PolicyNet(self.lm, self.shared_layers)(seq, shared)
 
 
 def load_policy_and_reference(
