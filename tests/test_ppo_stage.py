@@ -378,10 +378,11 @@ def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, publishe
     for name in ("demo", "mtb"):
         for key in ("score", "kl", "length", "words", "win", "win_ci", "judge_score", "judge_win", "win_gap"):
             assert math.isfinite(final[f"eval/{name}/{key}"]), (name, key)
+        # the tiny model almost never samples a stop token: replies run into the 6-token limit, as counted
+        assert final[f"eval/{name}/length"] == 6 and final[f"eval/{name}/no_stop"] == 1.0, name
         assert final[f"eval/{name}/win_gap"] == pytest.approx(
             final[f"eval/{name}/win"] - final[f"eval/{name}/judge_win"]
         )
-        assert final[f"eval/{name}/length"] <= 6
     assert artifact.metrics["eval_mtb_judge_win_rate_final"] == pytest.approx(
         final["eval/mtb/judge_win"], abs=1e-6
     )
@@ -394,6 +395,17 @@ def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, publishe
             assert pair[side]["judge"] == pytest.approx(judge.normalise(raw), abs=1e-4)
     roles = {item["role"] for item in artifact.manifest["inputs"]}
     assert {"judge", "eval_prompts:demo", "eval_prompts:mtb"} <= roles
+
+
+def test_an_evaluation_row_counts_a_reply_cut_at_the_limit_as_not_stopped():
+    from stages.ppo.evaluate import Reply, compared
+
+    finished = Reply("Tea, then rain.", proxy=0.4, judge=None, kl=1.5, length=5, ended=True)
+    cut = Reply("Tea is a drink that people", proxy=0.9, judge=None, kl=0.0, length=6, ended=False)
+    assert compared(3, finished, cut, judged=False) == {
+        "prompt": 3, "score": 0.4, "kl": 1.5, "length": 5, "words": 3, "no_stop": 0.0, "win": 0.0
+    }  # fmt: skip
+    assert compared(3, cut, finished, judged=False)["no_stop"] == 1.0
 
 
 def test_step_zero_is_scored_from_the_sft_replies_as_a_second_generation_would_score_it(

@@ -58,6 +58,8 @@ class Reply:
     """Summed over the reply, to the SFT policy (0 for the SFT policy's own)."""
     length: int
     """Tokens."""
+    ended: bool
+    """Whether the reply ended with a stop token (not cut off at the length limit)."""
 
     def shown(self) -> dict:
         """What the artifact keeps of a reply beside the other side's."""
@@ -150,7 +152,9 @@ class Evaluation:
                     length = int(seq.response_mask[j].sum())
                     text = self.tokenizer.decode(seq.response[j, :length], skip_special_tokens=True).strip()
                     judged = None if self.judge is None else self.judge_score(eval_set.messages[i], text)
-                    yield (i, sample), Reply(text=text, proxy=proxy[j], judge=judged, kl=kl[j], length=length)
+                    reply = Reply(text=text, proxy=proxy[j], judge=judged, kl=kl[j], length=length,
+                                  ended=bool(seq.ended[j]))  # fmt: skip
+                    yield (i, sample), reply
 
     def proxy_scores(self, critic: Critic, seq: Sequences) -> torch.Tensor:
         raw = critic.scores(seq, critic.prepare(seq))
@@ -167,7 +171,7 @@ def compared(prompt: int, ours: Reply, theirs: Reply, *, judged: bool) -> dict[s
     """One row of an evaluation: our reply's measures, and whether it beat the SFT reply to the same
     prompt and sample (the SFT reply against itself: KL 0, a win of 0.5)."""
     row = {"prompt": prompt, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
-           "words": len(ours.text.split()), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
+           "words": len(ours.text.split()), "no_stop": float(not ours.ended), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
     if judged:
         row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
     return row

@@ -21,7 +21,7 @@ from pipeline.store import ArtifactStore, StoreError, default_store_root
 
 SPARK = "▁▂▃▄▅▆▇█"
 COLUMNS = [("win", "proxy win"), ("judge_win", "judge win"), ("win_gap", "gap"), ("score", "score"),
-           ("kl", "KL"), ("length", "tokens"), ("words", "words")]  # fmt: skip
+           ("kl", "KL"), ("length", "tokens"), ("words", "words"), ("no_stop", "no stop")]  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:
