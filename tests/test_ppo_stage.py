@@ -376,7 +376,7 @@ def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, publishe
     history = [json.loads(line) for line in (Path(artifact.uri) / "metrics.jsonl").read_text().splitlines()]
     final = history[-1]
     for name in ("demo", "mtb"):
-        for key in ("score", "kl", "length", "words", "win", "rm_win", "judge_win", "win_ci", "judge_score", "win_gap"):
+        for key in ("score", "kl", "length", "words", "win", "win_ci", "judge_score", "judge_win", "win_gap"):
             assert math.isfinite(final[f"eval/{name}/{key}"]), (name, key)
         # the tiny model almost never samples a stop token: replies run into the 6-token limit, as counted
         assert final[f"eval/{name}/length"] == 6 and final[f"eval/{name}/no_stop"] == 1.0, name
@@ -397,18 +397,15 @@ def test_evaluation_reports_each_prompt_set_and_a_second_opinion(store, publishe
     assert {"judge", "eval_prompts:demo", "eval_prompts:mtb"} <= roles
 
 
-def test_an_evaluation_row_wins_by_the_proxy_and_by_the_reward_model_alone():
+def test_an_evaluation_row_counts_a_reply_cut_at_the_limit_as_not_stopped():
     from stages.ppo.evaluate import Reply, compared
 
-    # the reward model prefers the cut reply (0.9 against 0.4); its missing-stop penalty of 1 turns that round
-    finished = Reply("Tea, then rain.", proxy=0.4, rm=0.4, judge=None, kl=1.5, length=5, ended=True)
-    cut = Reply("Tea is a drink that people", proxy=-0.1, rm=0.9, judge=None, kl=0.0, length=6, ended=False)
+    finished = Reply("Tea, then rain.", proxy=0.4, judge=None, kl=1.5, length=5, ended=True)
+    cut = Reply("Tea is a drink that people", proxy=0.9, judge=None, kl=0.0, length=6, ended=False)
     assert compared(3, finished, cut, judged=False) == {
-        "prompt": 3, "score": 0.4, "kl": 1.5, "length": 5, "words": 3, "no_stop": 0.0, "win": 1.0, "rm_win": 0.0
+        "prompt": 3, "score": 0.4, "kl": 1.5, "length": 5, "words": 3, "no_stop": 0.0, "win": 0.0
     }  # fmt: skip
-    assert compared(3, cut, finished, judged=False) | {"score": None} == {
-        "prompt": 3, "score": None, "kl": 0.0, "length": 6, "words": 6, "no_stop": 1.0, "win": 0.0, "rm_win": 1.0
-    }  # fmt: skip
+    assert compared(3, cut, finished, judged=False)["no_stop"] == 1.0
 
 
 def test_step_zero_is_scored_from_the_sft_replies_as_a_second_generation_would_score_it(

@@ -5,9 +5,7 @@ with samplers seeded the same way each time, so successive evaluations differ on
 reward models judge each pair: the proxy (the reward PPO optimises) and, when `eval_judge` names one, a
 judge trained on other data, which reads the replies as text with its own tokenizer. The proxy's win
 rate rising while the judge's stalls or falls is reward over-optimisation (Gao et al. 2022): the gap is
-logged as eval/win_gap. The proxy's win rate also counts the penalty for a reply cut off at the length
-limit; eval/rm_win is the same comparison by the reward model's score alone, and eval/no_stop the share
-of replies cut off, so a win bought by finishing replies shows as such. The SFT side never changes, so its replies and scores are computed once per run.
+logged as eval/win_gap. The SFT side never changes, so its replies and scores are computed once per run.
 KL is exact over the vocabulary at each response position (not a one-sample estimate), summed over the
 response. Each prompt set is reported on its own; a single unnamed set as eval/<metric>.
 """
@@ -24,7 +22,7 @@ from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import Message
-from pipeline.generation import Engine, SamplingSettings
+from pipeline.generation import Engine, SamplingSettings, Sequences
 from pipeline.scoring import LoadedRewardModel
 from stages.ppo import rl
 from stages.ppo.config import Config
@@ -55,10 +53,6 @@ class Reply:
 
     text: str
     proxy: float
-    """The reward PPO optimises: the reward model's standardised score, clipped, less the missing-stop
-    penalty for a reply cut off at the length limit."""
-    rm: float
-    """The reward model's standardised score alone."""
     judge: float | None
     kl: float
     """Summed over the reply, to the SFT policy (0 for the SFT policy's own)."""
@@ -147,10 +141,7 @@ class Evaluation:
             for start in range(0, len(mine), cfg.eval_batch_size):
                 chunk = mine[start : start + cfg.eval_batch_size]
                 seq = self.engine.sample([eval_set.ids[i] for i in chunk], self.settings, generator)
-                rm = critic.scores(seq, critic.prepare(seq))
-                proxy = rl.clip_and_penalise(
-                    rm, seq.ended, clip=cfg.reward_clip, missing_stop_penalty=cfg.missing_eos_penalty
-                ).tolist()
+                proxy = self.proxy_scores(critic, seq).tolist()
                 kl = [0.0] * len(chunk)
                 if policy is not None:
                     shared = policy.prepare(seq)  # the bottom layers the two share, run once
@@ -161,9 +152,15 @@ class Evaluation:
                     length = int(seq.response_mask[j].sum())
                     text = self.tokenizer.decode(seq.response[j, :length], skip_special_tokens=True).strip()
                     judged = None if self.judge is None else self.judge_score(eval_set.messages[i], text)
-                    reply = Reply(text=text, proxy=proxy[j], rm=float(rm[j]), judge=judged, kl=kl[j],
-                                  length=length, ended=bool(seq.ended[j]))  # fmt: skip
+                    reply = Reply(text=text, proxy=proxy[j], judge=judged, kl=kl[j], length=length,
+                                  ended=bool(seq.ended[j]))  # fmt: skip
                     yield (i, sample), reply
+
+    def proxy_scores(self, critic: Critic, seq: Sequences) -> torch.Tensor:
+        raw = critic.scores(seq, critic.prepare(seq))
+        return rl.clip_and_penalise(
+            raw, seq.ended, clip=self.cfg.reward_clip, missing_stop_penalty=self.cfg.missing_eos_penalty
+        )
 
     def judge_score(self, prompt: list[Message], text: str) -> float:
         (raw,) = self.judge.score(prompt, [text])
@@ -172,11 +169,9 @@ class Evaluation:
 
 def compared(prompt: int, ours: Reply, theirs: Reply, *, judged: bool) -> dict[str, float]:
     """One row of an evaluation: our reply's measures, and whether it beat the SFT reply to the same
-    prompt and sample (the SFT reply against itself: KL 0, a win of 0.5), by the proxy and by the reward
-    model's score alone (the two differ where the missing-stop penalty or the clip decides)."""
+    prompt and sample (the SFT reply against itself: KL 0, a win of 0.5)."""
     row = {"prompt": prompt, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
-           "words": len(ours.text.split()), "no_stop": float(not ours.ended), "win": win(ours.proxy, theirs.proxy),
-           "rm_win": win(ours.rm, theirs.rm)}  # fmt: skip
+           "words": len(ours.text.split()), "no_stop": float(not ours.ended), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
     if judged:
         row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
     return row
@@ -190,7 +185,7 @@ def summarise(rows: list[dict]) -> dict[str, float]:
     """Means over every reply, and the win rates' 95% intervals over prompts (samples of a prompt averaged
     first: they are not independent of each other)."""
     out = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if key != "prompt"}
-    for key in ("win", "rm_win", "judge_win"):
+    for key in ("win", "judge_win"):
         if key in out:
             out[f"{key}_ci"] = interval([r[key] for r in rows], [r["prompt"] for r in rows])
     if "judge_win" in out:

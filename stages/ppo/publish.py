@@ -59,8 +59,7 @@ def summarize(history: list[dict], episodes: int, elapsed: float) -> dict[str, f
         first, last = evals[0], evals[-1]
         out[f"eval{tag}_score_initial"] = first[f"{prefix}/score"]
         out[f"eval{tag}_score_final"] = last[f"{prefix}/score"]
-        for key, name in (("win", "win_rate"), ("win_ci", "win_rate_ci"), ("rm_win", "rm_win_rate"),
-                          ("judge_win", "judge_win_rate"),
+        for key, name in (("win", "win_rate"), ("win_ci", "win_rate_ci"), ("judge_win", "judge_win_rate"),
                           ("win_gap", "win_gap"), ("kl", "kl"), ("length", "length"), ("words", "words"),
                           ("no_stop", "no_stop")):  # fmt: skip
             if f"{prefix}/{key}" in last:

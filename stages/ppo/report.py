@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.store import ArtifactStore, StoreError, default_store_root
 
 SPARK = "▁▂▃▄▅▆▇█"
-COLUMNS = [("win", "proxy win"), ("rm_win", "RM win"), ("judge_win", "judge win"), ("win_gap", "gap"), ("score", "score"),
+COLUMNS = [("win", "proxy win"), ("judge_win", "judge win"), ("win_gap", "gap"), ("score", "score"),
            ("kl", "KL"), ("length", "tokens"), ("words", "words"), ("no_stop", "no stop")]  # fmt: skip
 
 
