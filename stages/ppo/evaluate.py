@@ -7,7 +7,8 @@ judge trained on other data, which reads the replies as text with its own tokeni
 rate rising while the judge's stalls or falls is reward over-optimisation (Gao et al. 2022): the gap is
 logged as eval/win_gap. The SFT side never changes, so its replies and scores are computed once per run.
 KL is exact over the vocabulary at each response position (not a one-sample estimate), summed over the
-response. Each prompt set is reported on its own; a single unnamed set as eval/<metric>.
+response. eval/no_stop is the share of replies cut off at the length limit: the proxy takes the
+missing-stop penalty off them, so a win rate bought by finishing (or not finishing) replies shows there. Each prompt set is reported on its own; a single unnamed set as eval/<metric>.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def compared(prompt: int, ours: Reply, theirs: Reply, *, judged: bool) -> dict[s
     """One row of an evaluation: our reply's measures, and whether it beat the SFT reply to the same
     prompt and sample (the SFT reply against itself: KL 0, a win of 0.5)."""
     row = {"prompt": prompt, "score": ours.proxy, "kl": ours.kl, "length": ours.length,
-           "words": len(ours.text.split()), "no_stop": float(not ours.ended), "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
+           "words": len(ours.text.split()), "no_stop": float(not ours.ended),
+           "win": win(ours.proxy, theirs.proxy)}  # fmt: skip
     if judged:
         row |= {"judge_score": ours.judge, "judge_win": win(ours.judge, theirs.judge)}
     return row
