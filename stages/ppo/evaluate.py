@@ -8,7 +8,8 @@ rate rising while the judge's stalls or falls is reward over-optimisation (Gao e
 logged as eval/win_gap. The SFT side never changes, so its replies and scores are computed once per run.
 KL is exact over the vocabulary at each response position (not a one-sample estimate), summed over the
 response. eval/no_stop is the share of replies cut off at the length limit: the proxy takes the
-missing-stop penalty off them, so a win rate bought by finishing (or not finishing) replies shows there. Each prompt set is reported on its own; a single unnamed set as eval/<metric>.
+missing-stop penalty off them, so a win rate bought by finishing (or not finishing) replies shows there.
+Each prompt set is reported on its own; a single unnamed set as eval/<metric>.
 """
 
 from __future__ import annotations
