@@ -46,6 +46,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def assert_bitwise_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The same tensors under the same names, bit for bit (one assertion per tensor, naming it)."""
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
 def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path, capsys):
     policy = build_peaked_policy(tiny_tokenizer, tmp_path / "policy")
     publish_tiny_pair(store, policy, tiny_tokenizer, tmp_path)
@@ -79,9 +86,7 @@ def test_killed_run_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path,
     straight = run(load_config(Config, config, ["--run_name", "straight", "--steps", "9"]), store)
     (interrupted,) = [a for a in store.list("ppo") if a.id != straight.id]
     ours, theirs = weights(Path(interrupted.uri)), weights(Path(straight.uri))
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_bitwise_equal(ours, theirs)
     assert interrupted.metrics["train_score_final"] == straight.metrics["train_score_final"]
 
 
@@ -128,9 +133,7 @@ def test_a_resumed_run_keeps_the_length_fit_it_started_with(store, tiny_tokenize
     fit = {k: v for k, v in straight.metrics.items() if k.startswith("length_fit_")}
     assert fit and {k: resumed.metrics[k] for k in fit} == fit
     ours, theirs = weights(Path(resumed.uri)), weights(Path(straight.uri))
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_bitwise_equal(ours, theirs)
 
 
 def test_a_run_without_a_value_model_resumes_to_the_same_weights(store, tiny_tokenizer, tmp_path):
@@ -149,9 +152,7 @@ def test_a_run_without_a_value_model_resumes_to_the_same_weights(store, tiny_tok
     assert not (Path(resumed.uri) / "value").exists()
     ours = load_file(str(Path(resumed.uri) / "adapter_model.safetensors"))
     theirs = load_file(str(Path(straight.uri) / "adapter_model.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_bitwise_equal(ours, theirs)
     # peft starts B at zero: a non-zero B shows it trained
     assert any(v.abs().max() > 0 for k, v in ours.items() if "lora_B" in k)
     assert resumed.metrics["train_score_final"] == straight.metrics["train_score_final"]
