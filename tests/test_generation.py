@@ -4,6 +4,7 @@ each other and against the model's own forward pass."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,20 @@ def test_a_kernel_that_cannot_build_is_refused_naming_the_reason(monkeypatch):
     monkeypatch.setattr(panel_linear, "kernel_missing_reason", lambda: None)
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler.*rollout_engine: cpu-llama"):
         panel_linear.build_kernel()
+
+
+def test_each_environment_keeps_its_own_kernel_build(monkeypatch, tmp_path):
+    """Two virtualenvs (two clones) must not rebuild over each other's cached kernel; one keeps one folder."""
+    from pipeline.generation import panel_linear
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "prefix", "/clone-a/.venv")
+    first, again = panel_linear.build_directory(), panel_linear.build_directory()
+    monkeypatch.setattr(sys, "prefix", "/clone-b/.venv")
+    other = panel_linear.build_directory()
+    assert first == again
+    assert first != other
+    assert first.parent == tmp_path
 
 
 @pytest.mark.parametrize("layout", ["panels", "onednn"])

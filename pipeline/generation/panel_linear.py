@@ -4,14 +4,15 @@ A decode step at batch 8 reads every weight once for 8 multiply-adds, so it runs
 stream from memory; panel_linear streams them at the speed of a plain sum, about 1.7x oneDNN's
 pre-packed products (bench/decode_matmul.py). pack_panels lays a weight out for it, merging a LoRA
 update on the way; decode_layer runs the rest of a Llama layer's step around its four products.
-`build_kernel()` compiles them with the machine's C++ compiler through torch (about 40 s the first time
-on a machine, then cached in ~/.cache/torch_extensions); the engine calls it when it is created, at the
-start of a stage, so no rollout ever waits for a build, and a machine that cannot build it is told so
-before any work is done.
+`build_kernel()` compiles them with the machine's C++ compiler through torch (about 40 s the first time,
+then cached: see `build_directory`); `make install` runs it once, and the engine calls it when it is
+created, at the start of a stage, so no rollout ever waits for a build, and a machine that cannot build
+it is told so before any work is done. `python -m pipeline.generation.panel_linear` builds it alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from pipeline.models import ModelError
 
 SOURCE = Path(__file__).with_name("panel_linear.cpp")
 PANEL = 16  # output columns per panel, one AVX-512 register of floats
+CFLAGS = ["-O3", "-mavx512f", "-fopenmp"]
 
 
 class KernelUnavailable(ModelError):
@@ -60,6 +62,17 @@ def ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = before
 
 
+def build_directory() -> Path:
+    """Where this interpreter's build of the kernel is cached: one folder per source, flags, torch and
+    environment. torch keys its cache by the extension's name alone, so two virtualenvs (a second clone,
+    CI's) would rebuild over each other's build every time the other one ran; ninja rebuilds whenever the
+    include paths in its command line change."""
+    key = "\n".join([SOURCE.read_text(), *CFLAGS, torch.__version__, sys.prefix])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"rlhf_panel_linear-{digest}"
+
+
 def build_kernel() -> float:
     """Compile (or load the cached build of) the kernels into torch.ops.rlhf; returns the seconds it took.
 
@@ -72,11 +85,14 @@ def build_kernel() -> float:
 
     started = time.perf_counter()
     try:
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
         with ninja_on_path():
             load(
                 name="rlhf_panel_linear",
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
+                extra_cflags=CFLAGS,
+                build_directory=str(folder),
                 is_python_module=False,
             )
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
@@ -154,3 +170,18 @@ class PanelLinear(nn.Module):
         if y.shape[-1] != self.out_features:
             y = y[..., : self.out_features]
         return y if self.bias is None else y + self.bias
+
+
+def main() -> int:
+    """Build the kernel now (`make install` does), so the first stage that samples does not wait for it."""
+    try:
+        seconds = build_kernel()
+    except KernelUnavailable as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"cpu-kernel rollout engine: built in {seconds:.1f} s, cached in {build_directory()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
