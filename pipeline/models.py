@@ -69,10 +69,18 @@ class LoraSettings:
     """Dropout on the adapter input; PPO needs 0 so that rollout and update log-probs agree."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; ["all-linear"] adapts every linear layer except the output head."""
+    top_layers: int = 0
+    """Adapt only the top `top_layers` decoder layers (0: every layer). The backward pass then stops at
+    the lowest adapted layer: on the embedded 30-layer model 15 make an SFT or reward step about a third
+    shorter. PPO places its two adapters with policy_layers and critic_layers instead."""
 
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ValueError(f"lora.r must be positive, got {self.r}")
+        if self.top_layers < 0:
+            raise ValueError(f"lora.top_layers must be 0 (every layer) or a positive count, got {self.top_layers}")
+        if self.top_layers and not self.enabled:
+            raise ValueError("lora.top_layers places the LoRA adapter, so it needs lora.enabled: true")
 
 
 @dataclass
@@ -307,12 +315,21 @@ def apply_lora(
 ) -> PreTrainedModel:
     """Wrap `model` with a fresh LoRA adapter (or return it unchanged when LoRA is off).
 
-    `layers`: adapt only the decoder layers with these indices (default: all).
+    `layers`: adapt only the decoder layers with these indices (default: the top `settings.top_layers`,
+    or all when that is 0).
     """
     if not settings.enabled:
         return model
     from peft import LoraConfig, get_peft_model
 
+    if layers is None and settings.top_layers:
+        depth = model.config.num_hidden_layers
+        if settings.top_layers >= depth:
+            raise ModelError(
+                f"lora.top_layers must be below the model's {depth} layers (0 adapts every layer), "
+                f"got {settings.top_layers}"
+            )
+        layers = list(range(depth - settings.top_layers, depth))
     targets: str | list[str] = settings.target_modules
     if layers is not None:  # peft's layers_to_transform does not combine with "all-linear": name them
         targets = layer_linears(model, set(layers), None if targets == ["all-linear"] else set(targets))

@@ -113,5 +113,22 @@ def test_lora_trains_only_the_adapter_and_full_mode_trains_everything(tiny_model
     assert sum(p.numel() for p in full.parameters() if p.requires_grad) == total
 
 
+def test_lora_on_the_top_layers_adapts_only_those(store):
+    """top_layers: 2 of 4 puts the adapter on layers 2 and 3 only, and the layers below get no gradient."""
+    with seeded(0):
+        model = LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                        num_attention_heads=2, num_key_value_heads=1)
+        )  # fmt: skip
+    lora = apply_lora(model, LoraSettings(r=4, top_layers=2))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in lora.named_parameters() if p.requires_grad}
+    assert adapted == {2, 3}
+    lora(input_ids=torch.arange(8)[None]).logits.sum().backward()
+    below = [n for n, p in lora.named_parameters() if ".layers.1." in n and p.grad is not None]
+    assert not below
+    with pytest.raises(ModelError, match="below the model's 4 layers"):
+        apply_lora(LlamaForCausalLM(lora.config), LoraSettings(top_layers=4))
+
+
 def test_cpu_trains_in_fp32():
     assert training_dtype(torch.device("cpu")) == torch.float32

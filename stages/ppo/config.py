@@ -200,6 +200,11 @@ class Config:
             raise ValueError("lam must be in [0, 1] and gamma in (0, 1]")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
+        if self.lora.top_layers:
+            raise ValueError(
+                "PPO places its two adapters with policy_layers (the policy's top layers) and critic_layers "
+                "(the value model's); remove lora.top_layers"
+            )
         for name in ("critic_layers", "policy_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (every layer) or more, got {getattr(self, name)}")
