@@ -323,13 +323,7 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model
 
     if layers is None and settings.top_layers:
-        depth = model.config.num_hidden_layers
-        if settings.top_layers >= depth:
-            raise ModelError(
-                f"lora.top_layers must be below the model's {depth} layers (0 adapts every layer), "
-                f"got {settings.top_layers}"
-            )
-        layers = list(range(depth - settings.top_layers, depth))
+        layers = top_layer_indices(model, settings.top_layers, "lora.top_layers")
     targets: str | list[str] = settings.target_modules
     if layers is not None:  # peft's layers_to_transform does not combine with "all-linear": name them
         targets = layer_linears(model, set(layers), None if targets == ["all-linear"] else set(targets))
@@ -343,6 +337,15 @@ def apply_lora(
         task_type=task_type,
     )
     return get_peft_model(model, config)
+
+
+def top_layer_indices(model: torch.nn.Module, top: int, key: str) -> list[int]:
+    """The indices of the model's top `top` decoder layers; `key` names the setting when `top` is not
+    between 1 and the depth less one."""
+    depth = model.config.num_hidden_layers
+    if not 0 < top < depth:
+        raise ModelError(f"{key} must be below the model's {depth} layers (0 adapts every layer), got {top}")
+    return list(range(depth - top, depth))
 
 
 def layer_linears(model: torch.nn.Module, layers: set[int], kinds: set[str] | None) -> list[str]:

@@ -113,7 +113,7 @@ def test_lora_trains_only_the_adapter_and_full_mode_trains_everything(tiny_model
     assert sum(p.numel() for p in full.parameters() if p.requires_grad) == total
 
 
-def test_lora_on_the_top_layers_adapts_only_those(store):
+def test_lora_on_the_top_layers_adapts_only_those():
     """top_layers: 2 of 4 puts the adapter on layers 2 and 3 only, and the layers below get no gradient."""
     with seeded(0):
         model = LlamaForCausalLM(
@@ -127,7 +127,7 @@ def test_lora_on_the_top_layers_adapts_only_those(store):
     below = [n for n, p in lora.named_parameters() if ".layers.1." in n and p.grad is not None]
     assert not below
     with pytest.raises(ModelError, match="below the model's 4 layers"):
-        apply_lora(LlamaForCausalLM(lora.config), LoraSettings(top_layers=4))
+        apply_lora(model, LoraSettings(top_layers=4))  # refused before anything is wrapped
 
 
 def test_cpu_trains_in_fp32():

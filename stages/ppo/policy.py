@@ -29,6 +29,7 @@ from pipeline.models import (
     disable_dropout,
     load_causal_lm,
     match_vocab,
+    top_layer_indices,
     training_dtype,
     transformers_model,
 )
@@ -135,14 +136,12 @@ def load_policy_and_reference(
 
 def shared_layer_count(model: nn.Module, top: int, key: str) -> int:
     """How many bottom layers stay without an adapter when only the `top` ones get one (0: none)."""
-    depth = model.config.num_hidden_layers
     if top == 0:
         return 0
-    if not 0 < top < depth:
-        raise ModelError(f"{key} must be below the model's {depth} layers (0 adapts every layer), got {top}")
+    lowest_adapted = top_layer_indices(model, top, key)[0]
     if not splittable(model):
         raise ModelError(
             f"{key} needs a Llama-architecture model, not {model.config.model_type}; "
             f"set {key}: 0 to adapt every layer"
         )
-    return depth - top
+    return lowest_adapted
